@@ -1,0 +1,68 @@
+"""GiVAConfig: what to adapt and how to initialise it."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+INIT_MODES = ("VrU2r", "VrUr", "Vr", "random")
+
+
+@dataclass
+class GiVAConfig:
+    """Settings of a GiVA adapter.
+
+    r: rank of the frozen bases (A is r x in, B is out x r).
+    target_modules: module names (a name matches a module whose qualified name equals it or ends
+        with "." + name), a regular expression (full match on the qualified name), or "all-linear"
+        (every nn.Linear except the output head: get_output_embeddings(), modules named lm_head,
+        classifier, score or qa_outputs, and modules_to_save).
+    init_mode: how init_bases picks A and B from the gradient's SVD G = U S V^T (DESIGN.md §1):
+        "VrU2r" (A = V[:, :r]^T, B = U[:, r:2r]), "VrUr" (B = U[:, :r]), "Vr" (B random
+        orthonormal) or "random" (both random orthonormal, no gradient needed).
+    grad_batches: how many batches init_bases averages the gradient over.
+    dropout: dropout on the adapter's input during training (the base layer sees x unchanged).
+    modules_to_save: modules that train fully and are saved with the adapter (e.g. a new head).
+    seed: seeds the random bases and the randomized SVD, so init is deterministic.
+    """
+
+    r: int = 8
+    target_modules: list[str] | str = "all-linear"
+    init_mode: str = "VrU2r"
+    grad_batches: int = 1
+    dropout: float = 0.0
+    modules_to_save: list[str] = field(default_factory=list)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"GiVAConfig.r must be a positive int, got {self.r!r}")
+        if self.init_mode not in INIT_MODES:
+            raise ValueError(f"GiVAConfig.init_mode must be one of {INIT_MODES}, got {self.init_mode!r}")
+        if not isinstance(self.grad_batches, int) or self.grad_batches <= 0:
+            raise ValueError(f"GiVAConfig.grad_batches must be a positive int, got {self.grad_batches!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GiVAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, (list, tuple)):
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ValueError("GiVAConfig.target_modules must be a non-empty list of names, "
+                                 f"a regex or 'all-linear', got {self.target_modules!r}")
+            self.target_modules = list(self.target_modules)
+        elif not isinstance(self.target_modules, str) or not self.target_modules:
+            raise ValueError("GiVAConfig.target_modules must be a list of names, a regex or "
+                             f"'all-linear', got {self.target_modules!r}")
+        self.modules_to_save = list(self.modules_to_save or [])
+
+    def rank_needed(self, init_mode: str | None = None) -> int:
+        """Singular directions the init needs: 2r for VrU2r, r otherwise."""
+        return 2 * self.r if (init_mode or self.init_mode) == "VrU2r" else self.r
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GiVAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown GiVAConfig fields {unknown}")
+        return cls(**data)

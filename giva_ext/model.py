@@ -1,0 +1,180 @@
+"""Apply GiVA to a model: target matching, wrapping, freezing, merging."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import GiVAConfig
+from .layer import GiVALinear, check_rank
+
+# Leaf names of output heads that "all-linear" never adapts (besides get_output_embeddings()).
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _modules_to_save(model: nn.Module, config: GiVAConfig) -> dict[str, nn.Module]:
+    """The modules named in config.modules_to_save, by qualified name; each name must match."""
+    found = {}
+    for pattern in config.modules_to_save:
+        hits = {n: m for n, m in model.named_modules() if n and _matches(n, pattern)}
+        if not hits:
+            raise ValueError(f"modules_to_save entry {pattern!r} matches no module of the model")
+        found.update(hits)
+    return found
+
+
+def _excluded_heads(model: nn.Module, config: GiVAConfig) -> set[str]:
+    """Qualified names (and their submodules) that 'all-linear' leaves alone."""
+    heads = set(_modules_to_save(model, config))
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if (output is not None and module is output) or name.rsplit(".", 1)[-1] in HEAD_NAMES:
+            heads.add(name)
+    return heads
+
+
+def find_targets(model: nn.Module, config: GiVAConfig) -> dict[str, nn.Module]:
+    """Modules that config.target_modules selects, by qualified name, in model order.
+
+    On a model that already holds GiVA layers the GiVALinear modules are the candidates (their inner
+    ``base`` is skipped). Raises ValueError if nothing matches or a match is not a linear layer.
+    """
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, GiVALinear)}
+    candidates = {n: m for n, m in model.named_modules()
+                  if n and not any(n.startswith(w + ".") for w in wrapped)}
+    spec = config.target_modules
+    if spec == "all-linear":
+        heads = _excluded_heads(model, config)
+        chosen = {n: m for n, m in candidates.items() if isinstance(m, (nn.Linear, GiVALinear))
+                  and not any(n == h or n.startswith(h + ".") for h in heads)}
+    elif isinstance(spec, str):
+        try:
+            regex = re.compile(spec)
+        except re.error as exc:
+            raise ValueError(f"target_modules regex {spec!r} is invalid: {exc}") from exc
+        chosen = {n: m for n, m in candidates.items() if regex.fullmatch(n)}
+    else:
+        chosen = {n: m for n, m in candidates.items() if any(_matches(n, p) for p in spec)}
+    if not chosen:
+        linears = [n for n, m in candidates.items() if isinstance(m, (nn.Linear, GiVALinear))]
+        raise ValueError(f"target_modules={spec!r} matches no module; linear layers of this model "
+                         f"include {linears[:8]}")
+    for name, module in chosen.items():
+        if not isinstance(module, (nn.Linear, GiVALinear)):
+            raise ValueError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear")
+    return chosen
+
+
+def giva_layers(model: nn.Module) -> dict[str, GiVALinear]:
+    """Every GiVALinear in the model, by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, GiVALinear)}
+
+
+def get_config(model: nn.Module) -> GiVAConfig:
+    config = getattr(model, "giva_config", None)
+    if not isinstance(config, GiVAConfig):
+        raise ValueError("model has no GiVA adapter; call apply_giva(model, config) first")
+    return config
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def _check_targets(targets: dict[str, nn.Module], config: GiVAConfig) -> None:
+    for name, module in targets.items():
+        check_rank(config.r, module.in_features, module.out_features,
+                   config.rank_needed(), where=f"target {name!r} ({config.init_mode})")
+
+
+def apply_giva(model: nn.Module, config: GiVAConfig) -> nn.Module:
+    """Wrap the target layers of ``model`` in GiVALinear (in place) and freeze all but the adapter.
+
+    Trainable afterwards: every lambda_s / lambda_o and the parameters of config.modules_to_save.
+    Returns the model. Everything is validated before the model is touched.
+    """
+    if not isinstance(config, GiVAConfig):
+        raise TypeError(f"config must be a GiVAConfig, got {type(config).__name__}")
+    if giva_layers(model):
+        raise ValueError("model already has GiVA layers; merge_and_unload it or use a fresh model")
+    targets = find_targets(model, config)
+    _check_targets(targets, config)
+    to_save = _modules_to_save(model, config)
+
+    generator = torch.Generator().manual_seed(config.seed)
+    model.requires_grad_(False)
+    for name, linear in targets.items():
+        _replace(model, name, GiVALinear.from_linear(linear, config.r, config.dropout, generator))
+    for layer in giva_layers(model).values():
+        layer.lambda_s.requires_grad_(True)
+        layer.lambda_o.requires_grad_(True)
+    for module in to_save.values():
+        module.requires_grad_(True)
+    model.giva_config = config
+    return model
+
+
+@dataclass(frozen=True)
+class TrainableReport:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                f"trainable%: {self.percent:.4f}")
+
+
+def trainable_parameters(model: nn.Module) -> TrainableReport:
+    """Count of parameters that require grad, next to the model's total (buffers excluded)."""
+    params = list(model.parameters())
+    return TrainableReport(sum(p.numel() for p in params if p.requires_grad),
+                           sum(p.numel() for p in params))
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W += diag(lambda_o) B diag(lambda_s) A)."""
+    layers = giva_layers(model)
+    if not layers:
+        raise ValueError("model has no GiVA layers to merge")
+    for name, layer in layers.items():
+        if layer.merged:
+            raise RuntimeError(f"GiVA layer {name!r} is already merged")
+    for layer in layers.values():
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo merge on every layer (exact up to the weight dtype's rounding)."""
+    layers = giva_layers(model)
+    for name, layer in layers.items():
+        if not layer.merged:
+            raise RuntimeError(f"GiVA layer {name!r} is not merged")
+    for layer in layers.values():
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the plain nn.Linear layers back; returns the plain model."""
+    layers = giva_layers(model)
+    if not layers:
+        raise ValueError("model has no GiVA layers to merge")
+    for name, layer in layers.items():
+        if not layer.merged:
+            layer.merge()
+        _replace(model, name, layer.base)
+    if hasattr(model, "giva_config"):
+        del model.giva_config
+    return model
