@@ -1,0 +1,139 @@
+"""save_adapter / load_adapter: round trips, fingerprints, atomicity."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import giva_ext as g
+from giva_ext.serialization import CONFIG_NAME, WEIGHTS_NAME
+from test_model import Net, randomize
+
+
+def adapted(seed=0):
+    torch.manual_seed(seed)
+    model = g.apply_giva(Net(), g.GiVAConfig(r=3, modules_to_save=["classifier"], seed=seed))
+    randomize(model)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    return model
+
+
+def fresh_base(seed=0):
+    torch.manual_seed(seed)
+    return Net()
+
+
+def test_round_trip_onto_plain_model_is_bit_exact(tmp_path):
+    model = adapted()
+    ids = torch.randint(0, 20, (4, 6))
+    y = model(ids)
+    g.save_adapter(model, tmp_path)
+    assert (tmp_path / WEIGHTS_NAME).is_file() and (tmp_path / CONFIG_NAME).is_file()
+    loaded = g.load_adapter(fresh_base(), tmp_path)
+    assert torch.equal(loaded(ids), y)
+    assert loaded.giva_config == model.giva_config
+    assert g.trainable_parameters(loaded) == g.trainable_parameters(model)
+
+
+def test_round_trip_onto_adapted_model(tmp_path):
+    model = adapted()
+    ids = torch.randint(0, 20, (4, 6))
+    g.save_adapter(model, tmp_path)
+    other = g.apply_giva(fresh_base(), g.GiVAConfig(r=3, modules_to_save=["classifier"], seed=5))
+    g.load_adapter(other, tmp_path)
+    assert torch.equal(other(ids), model(ids))
+
+
+def test_files_hold_everything(tmp_path):
+    model = adapted()
+    g.save_adapter(model, tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    layer = model.blocks[1].value
+    for field in ("A", "B", "lambda_s", "lambda_o"):
+        assert torch.equal(tensors[f"blocks.1.value.{field}"], getattr(layer, field))
+    assert torch.equal(tensors["modules_to_save.classifier.weight"], model.classifier.weight)
+    header = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert header["config"]["r"] == 3 and header["version"] == g.__version__
+    names = [entry["name"] for entry in header["fingerprint"]]
+    assert names == list(g.giva_layers(model))
+    assert header["fingerprint"][0]["shape"] == [16, 16]
+
+
+def test_loading_onto_another_base_names_the_layer(tmp_path):
+    g.save_adapter(adapted(), tmp_path)
+    other = fresh_base()
+    with torch.no_grad():
+        other.blocks[1].value.weight[0, 0] += 1e-3
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="layer 'blocks.1.value' has sha256"):
+        g.load_adapter(other, tmp_path)
+    assert not g.giva_layers(other)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def test_loading_with_other_rank_or_targets_is_refused(tmp_path):
+    g.save_adapter(adapted(), tmp_path)
+    other = g.apply_giva(fresh_base(), g.GiVAConfig(r=2, modules_to_save=["classifier"]))
+    with pytest.raises(ValueError, match="rank 3 .* rank 2"):
+        g.load_adapter(other, tmp_path)
+    fewer = g.apply_giva(fresh_base(), g.GiVAConfig(r=3, target_modules=["query"]))
+    with pytest.raises(ValueError, match="other layers"):
+        g.load_adapter(fewer, tmp_path)
+
+
+def test_merged_model_cannot_be_saved(tmp_path):
+    model = adapted()
+    g.merge(model)
+    with pytest.raises(RuntimeError, match="merged"):
+        g.save_adapter(model, tmp_path)
+    assert not (tmp_path / WEIGHTS_NAME).exists()
+
+
+def test_missing_and_foreign_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
+        g.load_adapter(fresh_base(), tmp_path)
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match="not a giva_ext adapter"):
+        g.load_adapter(fresh_base(), tmp_path)
+    (tmp_path / WEIGHTS_NAME).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        g.load_adapter(fresh_base(), tmp_path)
+
+
+def test_interrupted_save_keeps_previous_adapter(tmp_path):
+    """A process killed in the middle of writing the new file leaves the old adapter loadable."""
+    model = adapted()
+    ids = torch.randint(0, 20, (4, 6))
+    y = model(ids)
+    g.save_adapter(model, tmp_path)
+    script = textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path[:0] = {sys.path!r}
+        import giva_ext as g, giva_ext.serialization as ser
+        from test_model import Net, randomize
+        model = g.apply_giva(Net(), g.GiVAConfig(r=3, modules_to_save=["classifier"]))
+        randomize(model)
+        real_fdopen = os.fdopen
+        class Dying:
+            def __init__(self, f): self.f = f
+            def __enter__(self): return self
+            def __exit__(self, *a): return False
+            def write(self, data):
+                self.f.write(data[: len(data) // 2]); self.f.flush()
+                os._exit(9)  # killed mid-write
+        ser.os.fdopen = lambda fd, mode: Dying(real_fdopen(fd, mode))
+        g.save_adapter(model, {str(tmp_path)!r})
+    """)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers, "the killed save should have left its temporary file behind"
+    loaded = g.load_adapter(fresh_base(), tmp_path)
+    assert torch.equal(loaded(ids), y)
