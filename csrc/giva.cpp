@@ -8,6 +8,8 @@ TORCH_LIBRARY(giva, m) {
         "Tensor lambda_s, Tensor lambda_o) -> (Tensor y, Tensor s)");
   // grad_x = g W + ((g B'') * lambda_s) A, and through M = g^T s (out, r):
   // grad_lambda_s = (M * B)^T lambda_o, grad_lambda_o = (M * B) lambda_s.
+  // output_mask = (grad_x, grad_lambda_s, grad_lambda_o): a masked-out output is not computed and
+  // comes back undefined (None in Python), as in aten::native_layer_norm_backward.
   m.def("linear_backward(Tensor grad_y, Tensor s, Tensor weight, Tensor A, Tensor B, "
         "Tensor lambda_s, Tensor lambda_o, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }

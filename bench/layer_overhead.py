@@ -1,0 +1,163 @@
+"""Forward+backward cost of an adapted linear layer relative to a frozen nn.Linear (the floor).
+
+    python bench/layer_overhead.py [--device cpu|cuda] [--dtype float32|bfloat16|float16]
+                                   [--shapes 2048x1024x1024 ...] [--ranks 8 64] [--json out.json]
+
+Shapes are TxINxOUT (tokens x in_features x out_features).  Every case of one (shape, rank) is
+timed in the same run, interleaved repetition by repetition, so machine noise hits them alike: the
+ratio to the floor is the figure to read, not the absolute time.  Cases: the frozen nn.Linear
+(x requires grad, the weight does not), GiVALinear on the native op, GiVALinear's math on the
+pure-PyTorch reference, the unfused autograd composite, and PEFT LoRA / VeRA of the same rank when
+peft is installed.  "saved MiB" is what autograd keeps for backward beyond parameters and buffers.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from giva_ext import GiVALinear, ops, reference
+
+try:
+    import peft
+except ImportError:
+    peft = None
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    try:
+        T, n_in, n_out = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must be TxINxOUT, e.g. 2048x1024x1024, got {text!r}")
+    return T, n_in, n_out
+
+
+class _Holder(nn.Module):
+    """A one-layer model for PEFT to adapt."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.lin = linear
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _peft_model(base: nn.Linear, config) -> nn.Module:
+    return peft.get_peft_model(_Holder(copy.deepcopy(base)), config)
+
+
+def build_cases(base: nn.Linear, r: int, device) -> tuple[dict, list]:
+    """(name -> callable(x) -> y, all on the same frozen base layer; the modules they use)."""
+    layer = GiVALinear.from_linear(base, r)
+    with torch.no_grad():  # a trained-looking adapter, so no path can skip the update as zero
+        layer.lambda_o.normal_()
+        layer.lambda_s.normal_()
+    frozen = (base.weight, base.bias, layer.A, layer.B)
+    cases = {"nn.Linear (floor)": base}
+    if ops.supports(torch.empty(0, device=device, dtype=base.weight.dtype)):
+        cases["GiVA native"] = layer
+    cases["GiVA reference"] = lambda x: reference.linear(x, *frozen, layer.lambda_s, layer.lambda_o)
+    cases["GiVA unfused"] = lambda x: base(x) + layer.lambda_o * ((layer.lambda_s * (x @ layer.A.t())) @ layer.B.t())
+    if peft is not None:
+        cases["PEFT LoRA"] = _peft_model(base, peft.LoraConfig(r=r, lora_alpha=r, target_modules=["lin"]))
+        cases["PEFT VeRA"] = _peft_model(base, peft.VeraConfig(r=r, target_modules=["lin"]))
+    return cases, [layer, *(fn for fn in cases.values() if isinstance(fn, nn.Module))]
+
+
+def _clear_grads(x, modules):
+    x.grad = None
+    for m in modules:
+        for p in m.parameters():
+            p.grad = None
+
+
+def saved_mib(fn, x, grad_y, modules) -> float:
+    """MiB of tensors autograd saves for backward, not counting parameters and buffers."""
+    owned = {t.untyped_storage().data_ptr() for m in modules for t in (*m.parameters(), *m.buffers())}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in owned:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(x)
+    y.backward(grad_y)
+    _clear_grads(x, modules)
+    return sum(storages.values()) / 2**20
+
+
+def time_cases(cases: dict, modules, x, grad_y, reps: int, warmup: int) -> dict:
+    """Median seconds of forward+backward per case, repetitions interleaved across cases."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    times = {name: [] for name in cases}
+    for rep in range(warmup + reps):
+        for name, fn in cases.items():
+            _clear_grads(x, modules)
+            sync()
+            start = time.perf_counter()
+            fn(x).backward(grad_y)
+            sync()
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--shapes", nargs="+", type=parse_shape,
+                        default=[(2048, 1024, 1024), (1024, 4096, 4096)], help="TxINxOUT")
+    parser.add_argument("--ranks", nargs="+", type=int, default=[8, 64])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (cpu device only)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    report = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "torch": torch.__version__, "device": args.device, "dtype": args.dtype,
+        "threads": torch.get_num_threads(), "native": ops.HAS_NATIVE,
+        "peft": None if peft is None else peft.__version__, "results": [],
+    }
+    print(f"torch {torch.__version__}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "
+          f"native op: {ops.supports(torch.empty(0, device=device, dtype=dtype))}")
+    for T, n_in, n_out in args.shapes:
+        base = nn.Linear(n_in, n_out, device=device, dtype=dtype).requires_grad_(False)
+        x = torch.randn(T, n_in, device=device, dtype=dtype, requires_grad=True)
+        grad_y = torch.randn(T, n_out, device=device, dtype=dtype)
+        for r in args.ranks:
+            cases, modules = build_cases(base, r, device)
+            medians = time_cases(cases, modules, x, grad_y, args.reps, args.warmup)
+            floor = medians["nn.Linear (floor)"]
+            print(f"\nT={T}, {n_in}x{n_out}, r={r}")
+            print(f"  {'case':<20}{'ms':>10}{'ratio':>8}{'saved MiB':>11}")
+            for name, seconds in medians.items():
+                mib = saved_mib(cases[name], x, grad_y, modules)
+                print(f"  {name:<20}{seconds * 1e3:>10.2f}{seconds / floor:>8.3f}{mib:>11.2f}")
+                report["results"].append({"T": T, "in": n_in, "out": n_out, "r": r, "case": name,
+                                          "median_s": seconds, "ratio": seconds / floor,
+                                          "saved_mib": mib})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

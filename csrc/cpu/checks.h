@@ -1,0 +1,103 @@
+// Argument validation shared by the giva ops: every tensor is checked for device, dtype and shape
+// before any work, and the message names the argument and what was expected. Device-agnostic, so a
+// CUDA kernel can include it too.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <initializer_list>
+#include <sstream>
+#include <string>
+
+namespace giva {
+
+// Sizes as "(2, 3)" / "(5,)"; -1 renders as "?" (a size not fixed by earlier arguments).
+inline std::string shape_str(c10::IntArrayRef sizes) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i) os << ", ";
+    if (sizes[i] < 0) os << "?"; else os << sizes[i];
+  }
+  os << (sizes.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+// t must be on ref's device, of ref's dtype, with shape `expected` (-1 = any size), described
+// symbolically by `dims` (e.g. "(r, in)").
+inline void check_arg(const char* op, const char* name, const at::Tensor& t, const char* dims,
+                      std::initializer_list<int64_t> expected, const at::Tensor& ref,
+                      const char* ref_name) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on device ", ref.device(),
+              " (the device of ", ref_name, "), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have dtype ",
+              ref.scalar_type(), " (the dtype of ", ref_name, "), got ", t.scalar_type());
+  bool ok = t.dim() == static_cast<int64_t>(expected.size());
+  for (size_t i = 0; ok && i < expected.size(); ++i) {
+    const int64_t e = expected.begin()[i];
+    ok = e < 0 || t.size(static_cast<int64_t>(i)) == e;
+  }
+  TORCH_CHECK(ok, op, ": ", name, " must have shape ", dims, " = ",
+              shape_str(c10::IntArrayRef(expected.begin(), expected.size())), ", got ",
+              shape_str(t.sizes()));
+}
+
+// The tensor that sets dtype and device for the others: device type and dtype must be supported.
+inline void check_leading(const char* op, const char* name, const at::Tensor& t, const char* dims,
+                          int64_t ndim, at::DeviceType device,
+                          c10::ArrayRef<at::ScalarType> dtypes) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
+  TORCH_CHECK(t.device().type() == device, op, ": ", name, " must be on a ", device,
+              " device for this kernel, got ", t.device());
+  bool dtype_ok = false;
+  std::ostringstream allowed;
+  for (const auto d : dtypes) {
+    dtype_ok = dtype_ok || d == t.scalar_type();
+    allowed << (allowed.tellp() > 0 ? ", " : "") << d;
+  }
+  TORCH_CHECK(dtype_ok, op, ": ", name, " must have dtype in {", allowed.str(), "} on ", device,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == ndim, op, ": ", name, " must have shape ", dims, " (", ndim,
+              "-D), got ", shape_str(t.sizes()));
+}
+
+// linear_forward(x, weight, bias?, A, B, lambda_s, lambda_o) with x (T, in).
+inline void check_linear_forward(const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& A,
+                                 const at::Tensor& B, const at::Tensor& lambda_s,
+                                 const at::Tensor& lambda_o, at::DeviceType device,
+                                 c10::ArrayRef<at::ScalarType> dtypes) {
+  const char* op = "giva::linear_forward";
+  check_leading(op, "x", x, "(T, in)", 2, device, dtypes);
+  const int64_t in = x.size(1);
+  check_arg(op, "weight", weight, "(out, in)", {-1, in}, x, "x");
+  const int64_t out = weight.size(0);
+  if (bias.has_value() && bias->defined()) check_arg(op, "bias", *bias, "(out,)", {out}, x, "x");
+  check_arg(op, "A", A, "(r, in)", {-1, in}, x, "x");
+  const int64_t r = A.size(0);
+  check_arg(op, "B", B, "(out, r)", {out, r}, x, "x");
+  check_arg(op, "lambda_s", lambda_s, "(r,)", {r}, x, "x");
+  check_arg(op, "lambda_o", lambda_o, "(out,)", {out}, x, "x");
+}
+
+// linear_backward(grad_y, s, weight, A, B, lambda_s, lambda_o, ...) with grad_y (T, out).
+inline void check_linear_backward(const at::Tensor& grad_y, const at::Tensor& s,
+                                  const at::Tensor& weight, const at::Tensor& A,
+                                  const at::Tensor& B, const at::Tensor& lambda_s,
+                                  const at::Tensor& lambda_o, at::DeviceType device,
+                                  c10::ArrayRef<at::ScalarType> dtypes) {
+  const char* op = "giva::linear_backward";
+  check_leading(op, "grad_y", grad_y, "(T, out)", 2, device, dtypes);
+  const int64_t T = grad_y.size(0), out = grad_y.size(1);
+  check_arg(op, "weight", weight, "(out, in)", {out, -1}, grad_y, "grad_y");
+  const int64_t in = weight.size(1);
+  check_arg(op, "s", s, "(T, r)", {T, -1}, grad_y, "grad_y");
+  const int64_t r = s.size(1);
+  check_arg(op, "A", A, "(r, in)", {r, in}, grad_y, "grad_y");
+  check_arg(op, "B", B, "(out, r)", {out, r}, grad_y, "grad_y");
+  check_arg(op, "lambda_s", lambda_s, "(r,)", {r}, grad_y, "grad_y");
+  check_arg(op, "lambda_o", lambda_o, "(out,)", {out}, grad_y, "grad_y");
+}
+
+}  // namespace giva
