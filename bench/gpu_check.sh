@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# One-shot check of the CUDA build on a GPU machine with torch (CUDA) and nvcc preinstalled and no
+# network: build, CUDA op tests, compute-sanitizer on a tiny forward+backward, and the layer overhead
+# benchmark at T=8192, in=out=4096 (bf16 r=8 and r=64, fp16 r=8). Every step has a timeout, the
+# whole run stays under GIVA_CHECK_BUDGET_S (default 470 s), and a failing step does not stop the
+# next. Run from the repository root:
+#
+#   OUT=/some/dir bash bench/gpu_check.sh
+#
+# Writes into $OUT (8 files): env_build.log pytest.log pytest.xml sanitizer.log bench.log
+# bench_bf16.json bench_fp16.json summary.json (exit code and seconds of every step).
+set -uo pipefail
+
+OUT="${OUT:?set OUT to an output folder}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+START=$(date +%s)
+DEADLINE=$((START + ${GIVA_CHECK_BUDGET_S:-470}))
+STEPS="$(mktemp)"
+export GIVA_BUILD=cuda TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+
+# step NAME CAP_S LOG CMD...: runs CMD under timeout min(CAP_S, time left), appending to LOG.
+step() {
+  local name=$1 cap=$2 log=$3; shift 3
+  local left=$((DEADLINE - $(date +%s) - 5)) t0 rc
+  local limit=$((cap < left ? cap : left))
+  t0=$(date +%s)
+  if [ "$limit" -lt 10 ]; then
+    rc=124
+    echo "== $name: skipped, out of time" | tee -a "$log"
+  else
+    echo "== $name (timeout ${limit}s): $*" >>"$log"
+    timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+    rc=$?
+  fi
+  echo "$name $rc $(( $(date +%s) - t0 ))" >>"$STEPS"
+  echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s"
+  return 0
+}
+
+ENV_LOG="$OUT/env_build.log"
+step nvidia_smi 20 "$ENV_LOG" nvidia-smi
+step versions 60 "$ENV_LOG" "$PY" -c \
+  'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
+# pip's editable install first; build_ext --inplace if pip cannot (e.g. a missing build backend).
+build() {
+  "$PY" -m pip install --no-build-isolation --no-deps -e . || "$PY" setup.py build_ext --inplace
+}
+step build 240 "$ENV_LOG" build
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+tail -n 30 "$ENV_LOG"
+
+step pytest 150 "$OUT/pytest.log" "$PY" -m pytest tests/test_ops_cuda.py tests/test_ops.py -q \
+  -p no:cacheprovider --junitxml="$OUT/pytest.xml"
+tail -n 25 "$OUT/pytest.log"
+
+# Every kernel and path once, on small odd shapes: fused (r <= 8) and cuBLAS (r > 8) ranks,
+# aligned and element-wise loads, all output masks.
+TINY="$(mktemp --suffix=.py)"
+cat >"$TINY" <<'PYEOF'
+import itertools
+import torch
+import giva_ext.ops  # loads the op library
+torch.manual_seed(0)
+for dtype, (T, n_in, n_out, r) in itertools.product(
+        (torch.float32, torch.bfloat16), ((37, 64, 48, 8), (9, 23, 29, 3), (16, 40, 24, 12))):
+    t = lambda *s: torch.randn(*s, device="cuda", dtype=dtype)
+    x, w, b, A, B, ls, lo = t(T, n_in), t(n_out, n_in), t(n_out), t(r, n_in), t(n_out, r), t(r), t(n_out)
+    y, s = torch.ops.giva.linear_forward(x, w, b, A, B, ls, lo)
+    for mask in itertools.product((False, True), repeat=3):
+        torch.ops.giva.linear_backward(t(T, n_out), s, w, A, B, ls, lo, list(mask))
+torch.cuda.synchronize()
+print("tiny forward+backward done")
+PYEOF
+SANITIZER="$(command -v compute-sanitizer || true)"
+for c in "$CUDA_HOME/bin/compute-sanitizer" "$CUDA_HOME/compute-sanitizer/compute-sanitizer"; do
+  [ -z "$SANITIZER" ] && [ -x "$c" ] && SANITIZER="$c"
+done
+if [ -n "$SANITIZER" ]; then
+  step memcheck 90 "$OUT/sanitizer.log" "$SANITIZER" --tool memcheck --error-exitcode 3 "$PY" "$TINY"
+  step racecheck 90 "$OUT/sanitizer.log" "$SANITIZER" --tool racecheck --error-exitcode 3 "$PY" "$TINY"
+else
+  echo "compute-sanitizer not found" | tee -a "$OUT/sanitizer.log"
+  echo "memcheck 127 0" >>"$STEPS"
+fi
+tail -n 15 "$OUT/sanitizer.log"
+
+step bench_bf16 90 "$OUT/bench.log" "$PY" bench/layer_overhead.py --device cuda --dtype bfloat16 \
+  --shapes 8192x4096x4096 --ranks 8 64 --json "$OUT/bench_bf16.json"
+step bench_fp16 60 "$OUT/bench.log" "$PY" bench/layer_overhead.py --device cuda --dtype float16 \
+  --shapes 8192x4096x4096 --ranks 8 --json "$OUT/bench_fp16.json"
+tail -n 30 "$OUT/bench.log"
+
+"$PY" - "$STEPS" "$OUT/summary.json" "$START" <<'PYEOF'
+import json, sys, time
+steps = {}
+for line in open(sys.argv[1]):
+    name, rc, secs = line.split()
+    steps[name] = {"exit": int(rc), "seconds": int(secs)}
+summary = {"ok": all(s["exit"] == 0 for s in steps.values()),
+           "total_seconds": int(time.time()) - int(sys.argv[3]), "steps": steps}
+json.dump(summary, open(sys.argv[2], "w"), indent=1)
+print(f"{'step':<12} {'exit':>4} {'s':>5}")
+for name, s in steps.items():
+    print(f"{name:<12} {s['exit']:>4} {s['seconds']:>5}")
+print("ok" if summary["ok"] else "FAILED", f"in {summary['total_seconds']} s")
+PYEOF
+rm -f "$STEPS" "$TINY"
