@@ -14,8 +14,8 @@ class GiVAConfig:
     r: rank of the frozen bases (A is r x in, B is out x r).
     target_modules: module names (a name matches a module whose qualified name equals it or ends
         with "." + name), a regular expression (full match on the qualified name), or "all-linear"
-        (every nn.Linear except the output head: get_output_embeddings(), modules named lm_head,
-        classifier, score or qa_outputs, and modules_to_save).
+        (every nn.Linear and transformers Conv1D except the output head: get_output_embeddings(),
+        modules named lm_head, classifier, score or qa_outputs, and modules_to_save).
     init_mode: how init_bases picks A and B from the gradient's SVD G = U S V^T (DESIGN.md §1):
         "VrU2r" (A = V[:, :r]^T, B = U[:, r:2r]), "VrUr" (B = U[:, :r]), "Vr" (B random
         orthonormal) or "random" (both random orthonormal, no gradient needed).
@@ -23,6 +23,10 @@ class GiVAConfig:
     dropout: dropout on the adapter's input during training (the base layer sees x unchanged).
     modules_to_save: modules that train fully and are saved with the adapter (e.g. a new head).
     seed: seeds the random bases and the randomized SVD, so init is deterministic.
+    fused_chunks: {target name: n} for fused projections whose output is n equal chunks (GPT-2's
+        c_attn is q, k, v: {"c_attn": 3}). Each chunk gets its own rank-r adapter with bases from
+        its own rows of the gradient, so the layer has rank n * r and a block-diagonal B. Names
+        match like target_modules names.
     """
 
     r: int = 8
@@ -32,6 +36,7 @@ class GiVAConfig:
     dropout: float = 0.0
     modules_to_save: list[str] = field(default_factory=list)
     seed: int = 0
+    fused_chunks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
@@ -51,6 +56,12 @@ class GiVAConfig:
             raise ValueError("GiVAConfig.target_modules must be a list of names, a regex or "
                              f"'all-linear', got {self.target_modules!r}")
         self.modules_to_save = list(self.modules_to_save or [])
+        chunks = dict(self.fused_chunks or {})
+        if not all(isinstance(k, str) and k and isinstance(n, int) and not isinstance(n, bool) and n > 0
+                   for k, n in chunks.items()):
+            raise ValueError("GiVAConfig.fused_chunks must map module names to positive ints, "
+                             f"got {self.fused_chunks!r}")
+        self.fused_chunks = chunks
 
     def rank_needed(self, init_mode: str | None = None) -> int:
         """Singular directions the init needs: 2r for VrU2r, r otherwise."""

@@ -1,6 +1,8 @@
 """GiVALinear: a frozen linear layer plus the GiVA adapter diag(lambda_o) B diag(lambda_s) A."""
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -19,55 +21,99 @@ def random_orthonormal(rows: int, cols: int, generator: torch.Generator | None =
     return q.to(dtype=dtype, device=device).contiguous()
 
 
-class GiVALinear(nn.Module):
-    """Drop-in for nn.Linear with a GiVA adapter.
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' Conv1D (GPT-2 style: weight stored (in, out), y = x W + b)."""
+    # A Conv1D exists only once transformers has imported it, so this never imports transformers.
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(module, utils.Conv1D)
 
-    ``y = base(x) + lambda_o * (B (lambda_s * (A x)))``.  ``base`` is a frozen nn.Linear; A (r, in)
-    and B (out, r) are frozen buffers (random orthonormal until ``init_bases`` sets them from the
-    gradient); lambda_s (r, ones) and lambda_o (out, zeros) are the only parameters that train, so a
-    new layer computes exactly what ``base`` computes.
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of an nn.Linear, a transformers Conv1D or a GiVALinear; else None."""
+    if isinstance(module, (nn.Linear, GiVALinear)):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        return module.nx, module.nf
+    return None
+
+
+def block_bases(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's bases from per-chunk bases [(A_c (r_c, in), B_c (out_c, r_c)), ...]:
+    A stacks the A_c, B is block-diagonal, so chunk c's outputs see only chunk c's adapter."""
+    return torch.cat([A for A, _ in parts]), torch.block_diag(*[B for _, B in parts])
+
+
+class GiVALinear(nn.Module):
+    """Drop-in for nn.Linear (or transformers' Conv1D) with a GiVA adapter.
+
+    ``y = base(x) + lambda_o * (B (lambda_s * (A x)))``.  ``base`` is a frozen nn.Linear or Conv1D;
+    A (r, in) and B (out, r) are frozen buffers (random orthonormal until ``init_bases`` sets them
+    from the gradient); lambda_s (r, ones) and lambda_o (out, zeros) are the only parameters that
+    train, so a new layer computes exactly what ``base`` computes. A, B and ``delta_weight()`` are in
+    the (out, in) layout for both base kinds; only merge touches Conv1D's transposed weight.
+
+    ``chunks=n`` is for fused projections (GPT-2's c_attn holds q, k and v): the output splits into n
+    equal chunks, each with its own adapter of rank r / n, so B is block-diagonal (``block_bases``).
 
     Build it standalone, ``GiVALinear(in_features, out_features, r, bias=True)``, or around an
     existing layer, ``GiVALinear.from_linear(linear, r)``.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int, bias: bool = True,
-                 dropout: float = 0.0, device=None, dtype=None, *, base: nn.Linear | None = None,
-                 generator: torch.Generator | None = None):
+                 dropout: float = 0.0, device=None, dtype=None, *, base: nn.Module | None = None,
+                 generator: torch.Generator | None = None, chunks: int = 1):
         super().__init__()
-        check_rank(r, in_features, out_features)
+        check_rank(r, in_features, out_features, needed=1)  # a positive int; the bound comes next
+        if not isinstance(chunks, int) or chunks <= 0 or out_features % chunks or r % chunks:
+            raise ValueError(f"chunks must be a positive int dividing out_features ({out_features}) "
+                             f"and r ({r}), got {chunks!r}")
+        check_rank(r // chunks, in_features, out_features // chunks)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if base is None:
             base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        elif (base.in_features, base.out_features) != (in_features, out_features):
-            raise ValueError(f"base is {base.out_features}x{base.in_features}, "
-                             f"expected {out_features}x{in_features}")
+        elif linear_shape(base) is None:
+            raise TypeError(f"base must be an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
+        elif linear_shape(base) != (in_features, out_features):
+            got_in, got_out = linear_shape(base)
+            raise ValueError(f"base is {got_out}x{got_in}, expected {out_features}x{in_features}")
         base.requires_grad_(False)
         self.base = base
-        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.fan_in_fan_out = is_conv1d(base)
+        self.in_features, self.out_features, self.r, self.chunks = in_features, out_features, r, chunks
         self.dropout = dropout
         self.merged = False
         w = base.weight
-        self.register_buffer("A", random_orthonormal(r, in_features, generator, w.dtype, w.device))
-        self.register_buffer("B", random_orthonormal(out_features, r, generator, w.dtype, w.device))
+        parts = [(random_orthonormal(r // chunks, in_features, generator, w.dtype, w.device),
+                  random_orthonormal(out_features // chunks, r // chunks, generator, w.dtype, w.device))
+                 for _ in range(chunks)]
+        A, B = block_bases(parts)
+        self.register_buffer("A", A)
+        self.register_buffer("B", B)
         self.lambda_s = nn.Parameter(torch.ones(r, dtype=w.dtype, device=w.device))
         self.lambda_o = nn.Parameter(torch.zeros(out_features, dtype=w.dtype, device=w.device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int, dropout: float = 0.0,
-                    generator: torch.Generator | None = None) -> "GiVALinear":
-        """Wrap ``linear`` (which is frozen, not copied) in a GiVA layer of rank ``r``."""
-        return cls(linear.in_features, linear.out_features, r, dropout=dropout, base=linear,
-                   generator=generator)
+    def from_linear(cls, linear: nn.Module, r: int, dropout: float = 0.0,
+                    generator: torch.Generator | None = None, chunks: int = 1) -> "GiVALinear":
+        """Wrap ``linear`` (an nn.Linear or Conv1D; frozen, not copied) in a GiVA layer of rank ``r``."""
+        shape = linear_shape(linear)
+        if shape is None:
+            raise TypeError(f"expected an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
+        return cls(*shape, r, dropout=dropout, base=linear, generator=generator, chunks=chunks)
 
     @property
     def weight(self) -> torch.Tensor:
+        """The base weight as the base layer stores it ((in, out) for a Conv1D)."""
         return self.base.weight
 
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
+
+    def weight_out_in(self) -> torch.Tensor:
+        """The base weight as (out, in): a transposed view for Conv1D, never a copy."""
+        return self.base.weight.t() if self.fan_in_fan_out else self.base.weight
 
     def reset_vectors(self) -> None:
         """lambda_s = 1, lambda_o = 0: the adapter adds exactly zero."""
@@ -76,10 +122,18 @@ class GiVALinear(nn.Module):
             self.lambda_o.zero_()
 
     def set_bases(self, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Replace the frozen bases (shapes (r, in) and (out, r)) and reset the vectors."""
+        """Replace the frozen bases (shapes (r, in) and (out, r)) and reset the vectors.
+
+        With chunks > 1, B must be block-diagonal (build it with ``block_bases``)."""
         if tuple(A.shape) != tuple(self.A.shape) or tuple(B.shape) != tuple(self.B.shape):
             raise ValueError(f"bases must be A {tuple(self.A.shape)} and B {tuple(self.B.shape)}, "
                              f"got {tuple(A.shape)} and {tuple(B.shape)}")
+        if self.chunks > 1:
+            rows, cols = self.out_features // self.chunks, self.r // self.chunks
+            blocks = [B[c * rows:(c + 1) * rows, c * cols:(c + 1) * cols] for c in range(self.chunks)]
+            if not torch.equal(B, torch.block_diag(*blocks)):
+                raise ValueError(f"this layer has {self.chunks} chunks: B must be block-diagonal with "
+                                 f"{self.chunks} blocks of {rows}x{cols} (one basis per chunk)")
         if self.merged:
             raise RuntimeError("cannot change the bases of a merged layer; unmerge it first")
         with torch.no_grad():
@@ -88,16 +142,16 @@ class GiVALinear(nn.Module):
         self.reset_vectors()
 
     def delta_weight(self) -> torch.Tensor:
-        """diag(lambda_o) B diag(lambda_s) A, computed in fp32 and returned in the weight's dtype."""
+        """diag(lambda_o) B diag(lambda_s) A as (out, in), computed in fp32, in the weight's dtype."""
         f32 = [t.detach().float() for t in (self.A, self.B, self.lambda_s, self.lambda_o)]
         return reference.delta_weight(*f32).to(self.base.weight.dtype)
 
     def merge(self) -> None:
-        """Fold the adapter into base.weight; forward then runs the plain linear layer."""
+        """Fold the adapter into base.weight; forward then runs the plain base layer."""
         if self.merged:
             raise RuntimeError("layer is already merged")
         with torch.no_grad():
-            self.base.weight.add_(self.delta_weight())
+            self.weight_out_in().add_(self.delta_weight())  # in place through the view
         self.merged = True
 
     def unmerge(self) -> None:
@@ -105,18 +159,20 @@ class GiVALinear(nn.Module):
         if not self.merged:
             raise RuntimeError("layer is not merged")
         with torch.no_grad():
-            self.base.weight.sub_(self.delta_weight())
+            self.weight_out_in().sub_(self.delta_weight())
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        return giva_linear(x, self.base.weight, self.base.bias, self.A, self.B, self.lambda_s,
+        return giva_linear(x, self.weight_out_in(), self.base.bias, self.A, self.B, self.lambda_s,
                            self.lambda_o, self.dropout, self.training)
 
     def extra_repr(self) -> str:
+        extra = (", fan_in_fan_out=True" if self.fan_in_fan_out else "") + \
+                (f", chunks={self.chunks}" if self.chunks > 1 else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"bias={self.base.bias is not None}, dropout={self.dropout}, merged={self.merged}")
+                f"bias={self.base.bias is not None}, dropout={self.dropout}, merged={self.merged}{extra}")
 
 
 def check_rank(r: int, in_features: int, out_features: int, needed: int | None = None,

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import GiVAConfig
-from .layer import GiVALinear, check_rank
+from .layer import GiVALinear, check_rank, linear_shape
 
 # Leaf names of output heads that "all-linear" never adapts (besides get_output_embeddings()).
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
@@ -42,8 +42,9 @@ def _excluded_heads(model: nn.Module, config: GiVAConfig) -> set[str]:
 def find_targets(model: nn.Module, config: GiVAConfig) -> dict[str, nn.Module]:
     """Modules that config.target_modules selects, by qualified name, in model order.
 
-    On a model that already holds GiVA layers the GiVALinear modules are the candidates (their inner
-    ``base`` is skipped). Raises ValueError if nothing matches or a match is not a linear layer.
+    Linear layers are nn.Linear and transformers' Conv1D. On a model that already holds GiVA layers
+    the GiVALinear modules are the candidates (their inner ``base`` is skipped). Raises ValueError if
+    nothing matches or a match is not a linear layer.
     """
     wrapped = {n for n, m in model.named_modules() if isinstance(m, GiVALinear)}
     candidates = {n: m for n, m in model.named_modules()
@@ -51,7 +52,7 @@ def find_targets(model: nn.Module, config: GiVAConfig) -> dict[str, nn.Module]:
     spec = config.target_modules
     if spec == "all-linear":
         heads = _excluded_heads(model, config)
-        chosen = {n: m for n, m in candidates.items() if isinstance(m, (nn.Linear, GiVALinear))
+        chosen = {n: m for n, m in candidates.items() if linear_shape(m) is not None
                   and not any(n == h or n.startswith(h + ".") for h in heads)}
     elif isinstance(spec, str):
         try:
@@ -62,12 +63,13 @@ def find_targets(model: nn.Module, config: GiVAConfig) -> dict[str, nn.Module]:
     else:
         chosen = {n: m for n, m in candidates.items() if any(_matches(n, p) for p in spec)}
     if not chosen:
-        linears = [n for n, m in candidates.items() if isinstance(m, (nn.Linear, GiVALinear))]
+        linears = [n for n, m in candidates.items() if linear_shape(m) is not None]
         raise ValueError(f"target_modules={spec!r} matches no module; linear layers of this model "
                          f"include {linears[:8]}")
     for name, module in chosen.items():
-        if not isinstance(module, (nn.Linear, GiVALinear)):
-            raise ValueError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear")
+        if linear_shape(module) is None:
+            raise ValueError(f"target {name!r} is a {type(module).__name__}, not an nn.Linear or a "
+                             "transformers Conv1D")
     return chosen
 
 
@@ -88,9 +90,25 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, new)
 
 
+def chunks_for(name: str, config: GiVAConfig) -> int:
+    """How many chunks config.fused_chunks gives the target ``name`` (1 if it names none)."""
+    hits = {n for pattern, n in config.fused_chunks.items() if _matches(name, pattern)}
+    if len(hits) > 1:
+        raise ValueError(f"fused_chunks gives target {name!r} conflicting chunk counts {sorted(hits)}")
+    return hits.pop() if hits else 1
+
+
 def _check_targets(targets: dict[str, nn.Module], config: GiVAConfig) -> None:
+    unused = [p for p in config.fused_chunks if not any(_matches(name, p) for name in targets)]
+    if unused:
+        raise ValueError(f"fused_chunks entry {unused[0]!r} matches no target of the model")
     for name, module in targets.items():
-        check_rank(config.r, module.in_features, module.out_features,
+        in_features, out_features = linear_shape(module)
+        chunks = chunks_for(name, config)
+        if out_features % chunks:
+            raise ValueError(f"target {name!r}: fused_chunks {chunks} does not divide its "
+                             f"{out_features} outputs")
+        check_rank(config.r, in_features, out_features // chunks,
                    config.rank_needed(), where=f"target {name!r} ({config.init_mode})")
 
 
@@ -98,6 +116,7 @@ def apply_giva(model: nn.Module, config: GiVAConfig) -> nn.Module:
     """Wrap the target layers of ``model`` in GiVALinear (in place) and freeze all but the adapter.
 
     Trainable afterwards: every lambda_s / lambda_o and the parameters of config.modules_to_save.
+    A target named in config.fused_chunks with n chunks gets rank n * config.r (config.r per chunk).
     Returns the model. Everything is validated before the model is touched.
     """
     if not isinstance(config, GiVAConfig):
@@ -111,7 +130,9 @@ def apply_giva(model: nn.Module, config: GiVAConfig) -> nn.Module:
     generator = torch.Generator().manual_seed(config.seed)
     model.requires_grad_(False)
     for name, linear in targets.items():
-        _replace(model, name, GiVALinear.from_linear(linear, config.r, config.dropout, generator))
+        chunks = chunks_for(name, config)
+        _replace(model, name, GiVALinear.from_linear(linear, chunks * config.r, config.dropout,
+                                                     generator, chunks))
     for layer in giva_layers(model).values():
         layer.lambda_s.requires_grad_(True)
         layer.lambda_o.requires_grad_(True)
@@ -167,7 +188,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter and put the plain nn.Linear layers back; returns the plain model."""
+    """Merge every adapter and put the plain base layers back; returns the plain model."""
     layers = giva_layers(model)
     if not layers:
         raise ValueError("model has no GiVA layers to merge")

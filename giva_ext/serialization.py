@@ -19,8 +19,8 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from .config import GiVAConfig
-from .layer import GiVALinear
-from .model import _modules_to_save, apply_giva, find_targets, get_config, giva_layers
+from .layer import GiVALinear, linear_shape
+from .model import _modules_to_save, apply_giva, chunks_for, find_targets, get_config, giva_layers
 from .version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -126,8 +126,11 @@ def _check_fingerprint(file: Path, saved: list[dict], targets: dict[str, nn.Modu
         now = weight_fingerprint(entry["name"], _base_weight(targets[entry["name"]]))
         for key in ("shape", "dtype", "sha256"):
             if now[key] != entry[key]:
+                hint = (" (transposed: one of them is a transformers Conv1D, which stores its weight "
+                        "as (in, out), and the other an nn.Linear)"
+                        if key == "shape" and now[key] == entry[key][::-1] else "")
                 raise ValueError(f"{file} was saved for another base model: layer {entry['name']!r} "
-                                 f"has {key} {now[key]} here but {entry[key]} in the adapter")
+                                 f"has {key} {now[key]} here but {entry[key]} in the adapter{hint}")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -152,7 +155,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     expected = {}
     for name, module in targets.items():
-        out_f, in_f, r = module.out_features, module.in_features, config.r
+        in_f, out_f = linear_shape(module)
+        r = config.r * chunks_for(name, config)
         if isinstance(module, GiVALinear) and module.r != r:
             raise ValueError(f"{file} has rank {r} but layer {name!r} of the model has rank {module.r}")
         expected.update({f"{name}.A": (r, in_f), f"{name}.B": (out_f, r),

@@ -1,0 +1,83 @@
+"""GiVA under the Hugging Face Trainer: init on the Trainer's data, optimizer contents, checkpoints."""
+import os
+
+import pytest
+import torch
+
+import giva_ext as g
+
+transformers = pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from giva_ext.hf import ADAPTER_DIR, GiVAInitCallback  # noqa: E402
+from test_hf_models import tiny  # noqa: E402
+
+
+def dataset(n=16):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (n, 12), generator=gen)
+    labels = (ids[:, 0] < 25).long()  # learnable from the first token
+    return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": y} for i, y in zip(ids, labels)]
+
+
+def trainer_for(model, out, max_steps, callback):
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=1e-2,
+        lr_scheduler_type="constant", weight_decay=0.0, save_strategy="steps", save_steps=3,
+        logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    return transformers.Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[callback])
+
+
+def eval_loss(model, data):
+    batch = {k: torch.stack([d[k] for d in data]) for k in data[0]}
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def test_trainer_runs_init_trains_vectors_and_checkpoints_the_adapter(tmp_path):
+    model, _ = tiny("bert")
+    g.apply_giva(model, g.GiVAConfig(r=2, modules_to_save=["classifier"]))
+    random_A = model.bert.encoder.layer[0].attention.self.query.A.clone()
+    loss_before = eval_loss(model, dataset())
+    callback = GiVAInitCallback(progress=False)
+    trainer = trainer_for(model, tmp_path, 6, callback)
+    trainer.train()
+
+    assert callback.initialised
+    assert not torch.equal(model.bert.encoder.layer[0].attention.self.query.A, random_A)
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters() if p.requires_grad}
+    assert all(n.endswith(("lambda_s", "lambda_o")) or n.startswith("classifier.")
+               for n, p in model.named_parameters() if p.requires_grad)
+    assert eval_loss(model, dataset()) < loss_before
+
+    # The last checkpoint's adapter rebuilds the trained model on the pretrained one.
+    adapter = tmp_path / "checkpoint-6" / ADAPTER_DIR
+    assert (tmp_path / "checkpoint-3" / ADAPTER_DIR).is_dir() and adapter.is_dir()
+    batch = {k: torch.stack([d[k] for d in dataset()[:4]]) for k in ("input_ids", "attention_mask")}
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        assert torch.equal(g.load_adapter(tiny("bert")[0], adapter)(**batch).logits, expected)
+    trainer.save_model(str(tmp_path / "final"))  # the Trainer's own save of the whole GiVA model
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_resumed_run_keeps_the_checkpoint_bases(tmp_path):
+    model, _ = tiny("bert")
+    g.apply_giva(model, g.GiVAConfig(r=2, modules_to_save=["classifier"]))
+    trainer_for(model, tmp_path, 3, GiVAInitCallback(progress=False)).train()
+    trained_A = model.bert.encoder.layer[1].output.dense.A.clone()
+
+    fresh, _ = tiny("bert")
+    g.apply_giva(fresh, g.GiVAConfig(r=2, modules_to_save=["classifier"]))
+    callback = GiVAInitCallback(progress=False)
+    trainer_for(fresh, tmp_path, 4, callback).train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert not callback.initialised
+    assert torch.equal(fresh.bert.encoder.layer[1].output.dense.A, trained_A)
+
+
+def test_callback_refuses_a_model_without_giva(tmp_path):
+    model, _ = tiny("bert")
+    with pytest.raises(ValueError, match="no GiVA adapter"):
+        trainer_for(model, tmp_path, 1, GiVAInitCallback(progress=False)).train()
