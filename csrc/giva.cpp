@@ -12,4 +12,12 @@ TORCH_LIBRARY(giva, m) {
   // comes back undefined (None in Python), as in aten::native_layer_norm_backward.
   m.def("linear_backward(Tensor grad_y, Tensor s, Tensor weight, Tensor A, Tensor B, "
         "Tensor lambda_s, Tensor lambda_o, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Gradient sketch of one layer (DESIGN.md §2): returns (Y + g^T (x omega), Z + (g psi^T)^T x)
+  // for x (T, in), g (T, out), omega (in, k), psi (k', out), Y (out, k), Z (k', in). Y, Z, omega
+  // and psi are float32 (float64 for float64 data); fp16/bf16 x and g accumulate in float32.
+  m.def("sketch_update(Tensor x, Tensor g, Tensor omega, Tensor psi, Tensor Y, Tensor Z) "
+        "-> (Tensor Y_new, Tensor Z_new)");
+  // Randomized SVD: top-k (U, S, V) of A (m, n) or (L, m, n) from the test matrix omega
+  // (..., n, l), k <= l <= min(m, n), with niter power iterations.
+  m.def("rsvd(Tensor A, Tensor omega, int k, int niter) -> (Tensor U, Tensor S, Tensor V)");
 }

@@ -1,21 +1,46 @@
-"""Gradient-informed init: the bases A, B from the SVD of each target layer's loss gradient."""
+"""Gradient-informed init: the bases A, B from the SVD of each target layer's loss gradient.
+
+The gradient G = sum over batches of g^T x (out x in) of each layer is never formed by default:
+the init streams its sketches G Omega and Psi G (giva_ext.rsvd.GradientSketch, DESIGN.md §2) from
+the layer's input x and output gradient g, and takes the singular vectors from them. svd="dense"
+keeps the exact dense gradient instead (the oracle; also used for any layer too small for a sketch
+to save memory). Under torch.distributed every process sketches its own batches and one
+all_reduce sums the sketches. A cache file lets an interrupted or repeated init resume.
+"""
 from __future__ import annotations
 
 import itertools
+import json
+import logging
+import math
 import warnings
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layer import GiVALinear, random_orthonormal
+from .layer import GiVALinear, block_bases, random_orthonormal
 from .model import get_config, giva_layers
-from .rsvd import randomized_svd
+from .rsvd import GradientSketch, randomized_svd
+from .serialization import _atomic_write, weight_fingerprint
+
+logger = logging.getLogger(__name__)
 
 # A singular value below this fraction of the largest one counts as "no information".
 RANK_DEFICIENT_RTOL = 1e-6
+SVD_METHODS = ("sketch", "dense")
+CACHE_FORMAT = 1
+CACHE_KEY = "giva_init_cache"
+# A later pass must see the batches of pass 1 again: their losses must agree to this tolerance.
+PASS_LOSS_RTOL = 1e-4
 
 
 def model_loss(model: nn.Module, batch):
@@ -57,16 +82,190 @@ def _frozen_eval(model: nn.Module, layers: dict[str, GiVALinear]):
                 layer.lambda_o.copy_(lambda_o)
 
 
-def collect_gradients(model: nn.Module, layers: dict[str, GiVALinear], batches: Iterable,
-                      num_batches: int, loss_fn=None, progress: bool = True) -> dict[str, torch.Tensor]:
-    """Mean over ``num_batches`` batches of dL/dW for each layer, as fp32 (out, in) tensors.
+class DenseGradient:
+    """The exact sum of g^T x (out x in, float32) and its randomized SVD: svd="dense", and any layer
+    whose sketch would not be smaller than its gradient."""
 
-    Each layer's output gets a zero-valued probe that requires grad, and torch.autograd.grad takes
-    dL/dy at the outputs; G += g^T x is formed from the layer's own input. No parameter requires grad
-    meanwhile, so no weight gradient is computed and no .grad is allocated anywhere.
+    passes = 1
+
+    def __init__(self, out_features: int, in_features: int, k: int, oversample: int, device,
+                 generator: torch.Generator, niter: int):
+        self.k, self.oversample, self.generator, self.niter = k, oversample, generator, niter
+        self.G = torch.zeros(out_features, in_features, dtype=torch.float32, device=device)
+
+    def test_matrices(self):
+        return None
+
+    def update(self, x: torch.Tensor, g: torch.Tensor, test_matrices=None) -> None:
+        self.G.addmm_(g.t().float(), x.float())
+
+    def is_zero(self) -> bool:
+        return not self.G.any()
+
+    def sums(self) -> list[torch.Tensor]:
+        return [self.G]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"G": self.G}
+
+    def load_state(self, pass_index: int, tensors: dict[str, torch.Tensor]) -> None:
+        for key, value in tensors.items():
+            setattr(self, key, value.to(self.G))
+
+    def svd(self):
+        return randomized_svd(self.G, self.k, self.oversample, self.niter, self.generator)
+
+
+@dataclass
+class _Unit:
+    """What one set of bases comes from: a layer, or one output chunk of a fused layer."""
+    name: str        # the layer's name, or "<layer>[c]" for chunk c
+    layer: str
+    rows: slice      # the layer's outputs this unit covers
+    r: int
+    needed: int      # singular directions the init mode uses: 2r (VrU2r) or r
+    acc: DenseGradient | GradientSketch | None = None
+
+
+def _units(layers: dict[str, GiVALinear], mode: str) -> list[_Unit]:
+    units = []
+    for name, layer in layers.items():
+        chunks = getattr(layer, "chunks", 1)
+        out, r = layer.out_features // chunks, layer.r // chunks
+        needed = 2 * r if mode == "VrU2r" else r
+        if needed > min(layer.in_features, out):
+            raise ValueError(f"init mode {mode} needs rank {needed} but layer {name!r} is "
+                             f"{out}x{layer.in_features}" + (" per chunk" if chunks > 1 else ""))
+        for c in range(chunks):
+            units.append(_Unit(name if chunks == 1 else f"{name}[{c}]", name,
+                               slice(c * out, (c + 1) * out), r, needed))
+    return units
+
+
+def _make_accumulator(unit: _Unit, layer: GiVALinear, svd: str, passes: int, oversample: int | None,
+                      seed: int, generator: torch.Generator, niter: int):
+    out, n_in = unit.rows.stop - unit.rows.start, layer.in_features
+    device = layer.base.weight.device
+    # Default k = 2 * needed + 1: Tropp et al.'s choice for a one-pass reconstruction of rank needed.
+    k = min(unit.needed + (unit.needed + 1 if oversample is None else oversample), out, n_in)
+    if svd == "sketch" and GradientSketch.floats(out, n_in, k) < out * n_in:
+        dtype = torch.float64 if layer.base.weight.dtype == torch.float64 else torch.float32
+        return GradientSketch(unit.name, out, n_in, k, passes, seed, device, dtype)
+    return DenseGradient(out, n_in, unit.needed, 8 if oversample is None else oversample, device,
+                         generator, niter)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    """Sum each tensor over all processes, in place: one all_reduce per (device, dtype)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+class _Cache:
+    """The accumulators and progress of an init, in one safetensors file written atomically.
+
+    The header records what the sketches are of (settings and base-weight fingerprint) and how far
+    the init got (pass, batches of that pass, pass-1 losses); a file from another model or other
+    settings is refused. Under torch.distributed each process keeps its own file, <name>.rank<i>.
     """
-    grads = {name: torch.zeros(layer.out_features, layer.in_features, dtype=torch.float32,
-                               device=layer.base.weight.device) for name, layer in layers.items()}
+
+    def __init__(self, path, settings: dict, layers: dict[str, GiVALinear], rank: int, world: int):
+        path = Path(path)
+        if world > 1:
+            path = path.with_name(f"{path.name}.rank{rank}")
+        self.path = path
+        self.settings = settings
+        self.fingerprint = [weight_fingerprint(n, layer.base.weight) for n, layer in layers.items()]
+
+    def load(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        if not self.path.exists():
+            return None
+        data = self.path.read_bytes()
+        try:
+            tensors = load_safetensors_bytes(data)
+            header_size = int.from_bytes(data[:8], "little")
+            metadata = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
+            header = json.loads(metadata[CACHE_KEY])
+            progress, settings, fingerprint = header["progress"], header["settings"], header["fingerprint"]
+        except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"init cache {self.path} is not a readable giva_ext init cache ({exc}); "
+                             "delete it or pass another cache path") from exc
+        if header.get("format") != CACHE_FORMAT:
+            raise ValueError(f"init cache {self.path} has format {header.get('format')!r}, "
+                             f"this version reads {CACHE_FORMAT}")
+        for key, now in self.settings.items():
+            saved = settings.get(key)
+            if saved != now:
+                raise ValueError(f"init cache {self.path} was made with {key}={saved!r} but this init "
+                                 f"has {key}={now!r}; delete it or pass another cache path")
+        saved_fp = {e["name"]: e for e in fingerprint}
+        now_fp = {e["name"]: e for e in self.fingerprint}
+        if set(saved_fp) != set(now_fp):
+            raise ValueError(f"init cache {self.path} was made for other layers: missing here "
+                             f"{sorted(set(saved_fp) - set(now_fp))[:3]}, not in the cache "
+                             f"{sorted(set(now_fp) - set(saved_fp))[:3]}")
+        for name, entry in now_fp.items():
+            for key in ("shape", "dtype", "sha256"):
+                if entry[key] != saved_fp[name][key]:
+                    raise ValueError(f"init cache {self.path} was made for another model: layer "
+                                     f"{name!r} has {key} {entry[key]} here but {saved_fp[name][key]} "
+                                     "in the cache")
+        return progress, tensors
+
+    def save(self, progress: dict, units: list[_Unit]) -> None:
+        tensors = {f"{u.name}.{key}": t.detach().cpu().contiguous()
+                   for u in units for key, t in u.acc.state().items()}
+        header = {"library": "giva_ext", "format": CACHE_FORMAT, "settings": self.settings,
+                  "fingerprint": self.fingerprint, "progress": progress}
+        data = save_safetensors_bytes(tensors, metadata={CACHE_KEY: json.dumps(header)})
+        _atomic_write(self.path, data)
+
+
+def _restore(path: Path, units: list[_Unit], progress: dict, tensors: dict[str, torch.Tensor]) -> None:
+    for u in units:
+        prefix = f"{u.name}."
+        state = {key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)}
+        u.acc.load_state(min(progress["pass"], u.acc.passes - 1), state)
+        if set(state) != set(u.acc.state()):
+            raise ValueError(f"init cache {path}: the tensors of {u.name!r} are {sorted(state)}, "
+                             f"expected {sorted(u.acc.state())}")
+
+
+def _batch_loss(model, batch, loss_fn, index: int):
+    loss = loss_fn(model, batch) if loss_fn is not None else model_loss(model, batch)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"the loss must be a scalar tensor, got {shape} (batch {index})")
+    if not loss.requires_grad:
+        raise ValueError(f"the loss of batch {index} has no grad: it does not depend on any "
+                         "GiVA target layer (or was computed under torch.no_grad)")
+    return loss
+
+
+def _run_pass(model, layers, units, batches, count: int, loss_fn, pass_index: int, passes: int,
+              progress_state: dict, cache: _Cache | None, cache_every: int, show: bool) -> int:
+    """One pass over the first ``count`` batches: forward hooks keep each target's input x, a
+    zero probe on its output gives g = dL/dy, and every unit of the layer adds g^T x to its
+    accumulator. No parameter requires grad, so no weight gradient or .grad is ever made.
+    Returns the number of batches of the pass; skips those the cache already holds."""
+    by_layer: dict[str, list[_Unit]] = {}
+    for u in units:
+        if pass_index < u.acc.passes:
+            by_layer.setdefault(u.layer, []).append(u)
     records: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
     def hook_for(name):
@@ -77,118 +276,237 @@ def collect_gradients(model: nn.Module, layers: dict[str, GiVALinear], batches: 
             return output
         return hook
 
-    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in layers.items()]
+    skip = progress_state["batches"]
+    losses = progress_state["losses"]
+    handles = [layers[name].register_forward_hook(hook_for(name)) for name in by_layer]
     seen = 0
+    desc = "giva init: gradients" if passes == 1 else f"giva init: pass {pass_index + 1}/{passes}"
     try:
-        bar = tqdm(itertools.islice(batches, num_batches), total=num_batches,
-                   desc="giva init: gradients", disable=not progress)
+        bar = tqdm(itertools.islice(batches, count), total=count, desc=desc, disable=not show)
         for seen, batch in enumerate(bar, start=1):
+            if seen <= skip:
+                continue  # already in the cache's sketches
             records.clear()
             with torch.enable_grad():
-                loss = loss_fn(model, batch) if loss_fn is not None else model_loss(model, batch)
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-                    raise ValueError(f"the loss must be a scalar tensor, got {shape} (batch {seen})")
-                if not loss.requires_grad:
-                    raise ValueError(f"the loss of batch {seen} has no grad: it does not depend on any "
-                                     "GiVA target layer (or was computed under torch.no_grad)")
+                loss = _batch_loss(model, batch, loss_fn, seen)
                 outputs = [out for _, _, out in records]
                 dys = torch.autograd.grad(loss, outputs, allow_unused=True)
+            value = loss.item()
+            if pass_index == 0:
+                losses.append(value)
+            elif seen > len(losses) or not math.isclose(value, losses[seen - 1], rel_tol=PASS_LOSS_RTOL,
+                                                        abs_tol=1e-12):
+                first = losses[seen - 1] if seen <= len(losses) else "none"
+                raise ValueError(f"batch {seen} has loss {value:.6g} in pass {pass_index + 1} but "
+                                 f"{first} in pass 1: with passes > 1 the batches must be the same "
+                                 "in every pass (a list, or a DataLoader without shuffling)")
+            test_matrices = {}
             for (name, x, _), dy in zip(records, dys):
                 if dy is None:
                     continue
-                x2 = x.reshape(-1, x.shape[-1]).float()
-                dy2 = dy.reshape(-1, dy.shape[-1]).float()
+                x2 = x.reshape(-1, x.shape[-1])
+                dy2 = dy.reshape(-1, dy.shape[-1])
                 if not torch.isfinite(dy2).all():
                     raise FloatingPointError(f"non-finite gradient at the output of layer {name!r} "
                                              f"(batch {seen})")
                 if not torch.isfinite(x2).all():
                     raise FloatingPointError(f"non-finite input to layer {name!r} (batch {seen})")
-                grads[name].addmm_(dy2.t(), x2)
+                for u in by_layer[name]:
+                    if u.name not in test_matrices:  # drawn once per batch, even for shared layers
+                        test_matrices[u.name] = u.acc.test_matrices()
+                    u.acc.update(x2, dy2[:, u.rows], test_matrices[u.name])
             records.clear()
+            progress_state["batches"] = seen
+            if cache is not None and seen % cache_every == 0:
+                cache.save(progress_state, units)
     finally:
         for handle in handles:
             handle.remove()
-    if seen == 0:
-        raise ValueError("init_bases got an empty batch iterable")
-    for g in grads.values():
-        g.div_(seen)
-    return grads
+    if pass_index > 0 and seen != len(losses):
+        raise ValueError(f"pass {pass_index + 1} saw {seen} batches but pass 1 saw {len(losses)}: "
+                         "with passes > 1 the batches must be the same in every pass")
+    return seen
 
 
-def _random_bases(layer: GiVALinear, generator: torch.Generator):
-    return (random_orthonormal(layer.r, layer.in_features, generator),
-            random_orthonormal(layer.out_features, layer.r, generator), None)
+def _sum_over_processes(units: list[_Unit], seen: int, failed: bool, world: int) -> int:
+    """Sum the accumulators and batch counts of all processes (a no-op without a process group).
+    A failure flag rides along, so every process stops together instead of waiting forever."""
+    if world == 1:
+        return seen
+    sums = [t for u in units for t in u.acc.sums()]
+    ref = sums[0]
+    counts = torch.tensor([float(seen), float(failed)], dtype=ref.dtype, device=ref.device)
+    _all_reduce_sum(sums + [counts])
+    if not failed and counts[1].item() > 0:
+        raise RuntimeError("init_bases failed in another process (see its error)")
+    return int(counts[0].item())
 
 
-def _bases_from_gradient(name: str, grad: torch.Tensor, r: int, mode: str,
-                         generator: torch.Generator, niter: int):
-    """A (r, in) and B (out, r) from grad = U S V^T as init_mode says; warns if rank-deficient."""
-    out_features, in_features = grad.shape
-    k = 2 * r if mode == "VrU2r" else r
-    u, s, v = randomized_svd(grad, k, niter=niter, generator=generator)
-    informative = int((s > s[0] * RANK_DEFICIENT_RTOL).sum())
-    if informative < k:
-        warnings.warn(f"giva init: layer {name!r} has a gradient with only {informative} informative "
-                      f"directions but {mode} uses {k}; the rest of its basis is an arbitrary "
-                      "orthonormal completion", RuntimeWarning, stacklevel=3)
+def _random_unit_bases(unit: _Unit, n_in: int, generator: torch.Generator):
+    out = unit.rows.stop - unit.rows.start
+    return random_orthonormal(unit.r, n_in, generator), random_orthonormal(out, unit.r, generator), None
+
+
+def _unit_bases(unit: _Unit, u, s, v, mode: str, generator: torch.Generator):
+    """A (r, in) and B (out, r) from G ~ U S V^T as the init mode says; warns if rank-deficient."""
+    r, needed = unit.r, unit.needed
+    s_used = s[:needed]
+    informative = int((s_used > s_used[0] * RANK_DEFICIENT_RTOL).sum())
+    if informative < needed:
+        warnings.warn(f"giva init: layer {unit.name!r} has a gradient with only {informative} "
+                      f"informative directions but {mode} uses {needed}; the rest of its basis is an "
+                      "arbitrary orthonormal completion", RuntimeWarning, stacklevel=3)
     A = v[:, :r].t()
     if mode == "VrU2r":
         B = u[:, r:2 * r]
     elif mode == "VrUr":
         B = u[:, :r]
     else:  # "Vr"
-        B = random_orthonormal(out_features, r, generator, grad.dtype, grad.device)
-    return A, B, s
+        B = random_orthonormal(u.shape[0], r, generator, u.dtype, u.device)
+    return A, B, s_used
+
+
+def _summary(unit: _Unit, s: torch.Tensor) -> str:
+    acc = unit.acc
+    how = (f"sketch k={acc.k}, k'={acc.k_co}, {acc.passes} pass(es)" if isinstance(acc, GradientSketch)
+           else "dense gradient")
+    top = s[0].item()
+    decay = ", ".join(f"sigma_{i}/sigma_1={s[i - 1].item() / top:.3g}" for i in sorted({unit.needed, len(s)}))
+    return f"{unit.name}: rank {unit.needed} used ({how}); {decay}"
 
 
 def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, *,
                num_batches: int | None = None, init_mode: str | None = None,
-               on_zero_grad: str = "error", niter: int = 4, progress: bool = True) -> dict:
+               on_zero_grad: str = "error", niter: int = 4, progress: bool = True,
+               svd: str = "sketch", passes: int = 1, oversample: int | None = None,
+               cache: str | Path | None = None, cache_every: int = 1) -> dict:
     """Set every GiVA layer's bases from the loss gradient at the current (pretrained) weights.
 
-    Runs ``num_batches`` (default: config.grad_batches) batches from ``batches`` with the adapters at
-    zero, averages each target's gradient G = dL/dW, and sets A, B from G's truncated SVD as the
+    Runs ``num_batches`` (default: config.grad_batches) batches from ``batches`` with the adapters
+    at zero and sets A, B from the truncated SVD of each target's mean gradient G = dL/dW, as the
     init mode says (default: config.init_mode; "random" needs no batches). The loss is
     ``loss_fn(model, batch)`` or the model's own ``.loss``. Finally lambda_s = 1, lambda_o = 0.
 
+    svd="sketch" (default) never forms G: each layer keeps the sketches G Omega (out x k) and
+    Psi G (k' x in) with k = d + oversample, d the directions the mode uses (2r for VrU2r, else
+    r), oversample d + 1 by default (k = 2d + 1) and k' = 2k + 1, built from the layer's input and
+    output gradient (see giva_ext.rsvd.GradientSketch). A layer so small that its sketch would not
+    be smaller than G keeps G. ``passes`` > 1 runs the batches
+    again to sharpen the subspace (subspace iteration); then ``batches`` must be re-iterable (a
+    list, or a DataLoader without shuffling, not a generator) and yield the same batches each
+    time (checked through the losses). svd="dense" keeps the exact gradient of every layer and
+    takes its randomized SVD with ``niter`` power iterations and ``oversample`` (default 8) extra
+    columns.
+
+    Under torch.distributed (any backend) each process runs its own batches and one all_reduce
+    sums the accumulators and batch counts, so every process gets the bases of all processes' data;
+    only rank 0 shows progress. ``cache`` names a file (per process under torch.distributed:
+    <cache>.rank<i>) where the accumulators are saved every ``cache_every`` batches and at the end
+    of each pass; an init given the same file resumes where it stopped (a finished one needs no
+    batches). A cache made for another model or other settings is refused.
+
     A layer whose gradient is exactly zero (not reached by the loss) is an error unless
-    ``on_zero_grad="random"``, which gives it random orthonormal bases with a warning. Nothing in the
-    model changes unless every layer succeeds. Returns {layer name: singular values used}.
+    ``on_zero_grad="random"``, which gives it random orthonormal bases with a warning. Nothing in
+    the model changes unless every layer succeeds. Returns {layer name: the singular values of the
+    mean gradient used (2r for VrU2r, else r)}; a fused layer (chunks > 1) maps to a
+    (chunks, ...) tensor. A per-layer summary (rank used, spectrum decay) is logged at INFO level.
     """
     config = get_config(model)
     layers = giva_layers(model)
     mode = init_mode or config.init_mode
     if on_zero_grad not in ("error", "random"):
         raise ValueError(f"on_zero_grad must be 'error' or 'random', got {on_zero_grad!r}")
+    if svd not in SVD_METHODS:
+        raise ValueError(f"svd must be one of {SVD_METHODS}, got {svd!r}")
+    for arg, value, least in (("passes", passes, 1), ("oversample", 0 if oversample is None else oversample, 0),
+                              ("cache_every", cache_every, 1), ("niter", niter, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{arg} must be an int >= {least}, got {value!r}")
+    if passes > 1 and svd != "sketch":
+        raise ValueError("passes > 1 applies to svd='sketch' only (svd='dense' is exact)")
+    if passes > 1 and batches is not None and iter(batches) is batches:
+        raise ValueError(f"passes={passes} runs the batches {passes} times, but batches is a one-shot "
+                         f"iterator ({type(batches).__name__}); pass a list or a DataLoader")
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(f"GiVA layer {merged[0]!r} is merged; unmerge the model before init_bases")
-    needed = config.rank_needed(mode)
-    for name, layer in layers.items():
-        if needed > min(layer.in_features, layer.out_features):
-            raise ValueError(f"init mode {mode} needs rank {needed} but layer {name!r} is "
-                             f"{layer.out_features}x{layer.in_features}")
+    units = _units(layers, mode)
     generator = torch.Generator().manual_seed(config.seed)
+    rank, world = _dist_rank_world()
+    results: dict[str, tuple] = {}
     if mode == "random":
-        new = {name: _random_bases(layer, generator) for name, layer in layers.items()}
+        results = {u.name: _random_unit_bases(u, layers[u.layer].in_features, generator) for u in units}
     else:
-        if batches is None:
-            raise ValueError(f"init mode {mode} needs batches to take the gradient from")
         count = num_batches or config.grad_batches
+        for u in units:
+            u.acc = _make_accumulator(u, layers[u.layer], svd, passes, oversample, config.seed,
+                                      generator, niter)
+        store = None
+        if cache is not None:
+            settings = {"svd": svd, "init_mode": mode, "r": config.r, "seed": config.seed,
+                        "passes": passes, "num_batches": count, "oversample": oversample,
+                        "niter": niter, "world_size": world, "rank": rank,
+                        "units": {u.name: [type(u.acc).__name__, u.acc.k] for u in units}}
+            store = _Cache(cache, settings, layers, rank, world)
+        state = {"pass": 0, "batches": 0, "losses": [], "total": None, "zero": [], "complete": False}
+        loaded = store.load() if store is not None else None
+        if loaded is not None:
+            state, tensors = loaded
+            _restore(store.path, units, state, tensors)
+        if not state["complete"] and batches is None:
+            raise ValueError(f"init mode {mode} needs batches to take the gradient from")
+        passes_needed = max(u.acc.passes for u in units)  # dense layers need one
         with _frozen_eval(model, layers):
-            grads = collect_gradients(model, layers, batches, count, loss_fn, progress)
-        new = {}
-        for name, grad in grads.items():
-            if not grad.any():
-                if on_zero_grad == "error":
-                    raise ValueError(f"layer {name!r} got an all-zero gradient (the loss does not reach "
-                                     "it); pass on_zero_grad='random' to give it random bases")
-                warnings.warn(f"giva init: layer {name!r} got an all-zero gradient; using random "
+            while not state["complete"]:
+                p = state["pass"]
+                seen, failure = 0, None
+                try:
+                    seen = _run_pass(model, layers, units, batches, count, loss_fn, p, passes_needed,
+                                     state, store, cache_every, progress and rank == 0)
+                except Exception as exc:  # noqa: BLE001 - re-raised below, after the other processes know
+                    if world == 1:
+                        raise
+                    failure = exc
+                total = _sum_over_processes([u for u in units if p < u.acc.passes], seen,
+                                            failure is not None, world)
+                if failure is not None:
+                    raise failure
+                if p == 0:
+                    if total == 0:
+                        raise ValueError("init_bases got an empty batch iterable")
+                    state["total"] = total
+                    state["zero"] = [u.name for u in units if u.acc.is_zero()]
+                    if state["zero"] and on_zero_grad == "error":
+                        raise ValueError(f"layer {state['zero'][0]!r} got an all-zero gradient (the "
+                                         "loss does not reach it); pass on_zero_grad='random' to give "
+                                         "it random bases")
+                if p + 1 < passes_needed:
+                    for u in units:
+                        if p + 1 < u.acc.passes:
+                            u.acc.next_pass()
+                    state.update({"pass": p + 1, "batches": 0})
+                else:
+                    state["complete"] = True
+                if store is not None:
+                    store.save(state, units)
+        zero = set(state["zero"])
+        for u in units:
+            if u.name in zero:
+                warnings.warn(f"giva init: layer {u.name!r} got an all-zero gradient; using random "
                               "orthonormal bases", RuntimeWarning, stacklevel=2)
-                new[name] = _random_bases(layers[name], generator)
-            else:
-                new[name] = _bases_from_gradient(name, grad, layers[name].r, mode, generator, niter)
-    for name, (A, B, _) in new.items():
-        layers[name].set_bases(A, B)
-    return {name: s for name, (_, _, s) in new.items()}
+                results[u.name] = _random_unit_bases(u, layers[u.layer].in_features, generator)
+                continue
+            left, s, right = u.acc.svd()
+            s = s / state["total"]  # singular values of the mean gradient
+            if rank == 0:
+                logger.info("giva init: %s", _summary(u, s))
+            results[u.name] = _unit_bases(u, left, s, right, mode, generator)
+    spectra = {}
+    for name, layer in layers.items():
+        parts = [results[u.name] for u in units if u.layer == name]
+        A, B = block_bases([(a.to(layer.A), b.to(layer.B)) for a, b, _ in parts])
+        layer.set_bases(A, B)
+        values = [s for _, _, s in parts]
+        spectra[name] = values[0] if len(values) == 1 else (
+            None if values[0] is None else torch.stack(values))
+    return spectra

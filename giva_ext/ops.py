@@ -1,7 +1,9 @@
 """The native library's Python surface: loading _C, and the ops registered in it.
 
 The schemas live in csrc/giva.cpp and the kernels in csrc/cpu and csrc/cuda; this module adds what
-the compiler stack and autograd need (fake kernels, the backward formula).  To add an op: define its
+the compiler stack and autograd need (fake kernels, the backward formula). The sketch ops
+(sketch_update, rsvd) have no backward: they are called by init_bases through giva_ext/rsvd.py,
+which falls back to the reference where no kernel fits.  To add an op: define its
 schema in giva.cpp, write its kernels and its reference in reference.py, register the fake (and the
 autograd, if it is differentiable) here, and opcheck it in tests/test_ops.py.
 
@@ -41,17 +43,41 @@ _DTYPES = {
     "cpu": (torch.float32, torch.bfloat16, torch.float64),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
+# rsvd works in float32 or float64 on every device.
+_RSVD_DTYPES = (torch.float32, torch.float64)
+
+
+def _has_kernel(op: str, dev: str) -> bool:
+    """Whether _C registers a kernel of ``op`` for ``dev`` (False for an op an older _C lacks)."""
+    if not HAS_NATIVE:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(op, dev.upper())
+    except RuntimeError:  # no such op
+        return False
+
+
 # Which devices have a kernel, looked up once: a plain dict keeps supports() traceable by dynamo.
-_HAS_KERNEL = {
-    dev: HAS_NATIVE and torch._C._dispatch_has_kernel_for_dispatch_key("giva::linear_forward", dev.upper())
-    for dev in _DTYPES
-}
+_HAS_KERNEL = {dev: _has_kernel("giva::linear_forward", dev) for dev in _DTYPES}
+_HAS_SKETCH = {dev: _has_kernel("giva::sketch_update", dev) for dev in _DTYPES}
+_HAS_RSVD = {dev: _has_kernel("giva::rsvd", dev) for dev in _DTYPES}
 
 
 def supports(x: torch.Tensor) -> bool:
     """Whether the native fused op handles x: _C loaded, a kernel for x's device, x's dtype."""
     dev = x.device.type
     return _HAS_KERNEL.get(dev, False) and x.dtype in _DTYPES[dev]
+
+
+def supports_sketch(x: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether the native sketch_update handles x and g: a kernel for their device and dtype."""
+    dev = x.device.type
+    return _HAS_SKETCH.get(dev, False) and x.dtype in _DTYPES[dev] and g.dtype == x.dtype
+
+
+def supports_rsvd(A: torch.Tensor) -> bool:
+    """Whether the native rsvd handles A: a kernel for its device, float32 or float64."""
+    return _HAS_RSVD.get(A.device.type, False) and A.dtype in _RSVD_DTYPES
 
 
 def linear(x, weight, bias, A, B, lambda_s, lambda_o):
@@ -89,3 +115,14 @@ if HAS_NATIVE:
         return grad_x, None, None, None, None, grad_s, grad_o
 
     torch.library.register_autograd("giva::linear_forward", _backward, setup_context=_setup_context)
+
+if any(_HAS_SKETCH.values()):
+    @torch.library.register_fake("giva::sketch_update")
+    def _sketch_update_fake(x, g, omega, psi, Y, Z):
+        return Y.new_empty(Y.shape), Z.new_empty(Z.shape)
+
+if any(_HAS_RSVD.values()):
+    @torch.library.register_fake("giva::rsvd")
+    def _rsvd_fake(A, omega, k, niter):
+        *batch, m, n = A.shape
+        return A.new_empty(*batch, m, k), A.new_empty(*batch, k), A.new_empty(*batch, n, k)

@@ -66,3 +66,70 @@ class _ReferenceLinear(torch.autograd.Function):
 def linear(x, weight, bias, A, B, lambda_s, lambda_o):
     """Differentiable reference layer on 2-D x; gradients flow to x, lambda_s and lambda_o only."""
     return _ReferenceLinear.apply(x, weight, bias, A, B, lambda_s, lambda_o)
+
+
+# ---- gradient sketch and randomized SVD (DESIGN.md §2 "Gradient sketch") ----------------------------
+
+# Rows of x and g a sketch update converts and multiplies at a time: its temporaries are
+# (rows, in), (rows, out) and (rows, k) whatever the number of tokens T.
+SKETCH_BLOCK_ROWS = 1024
+
+
+def sketch_accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 sketches for float64 data, float32 for every other floating dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sketch_update(x, g, omega, psi, Y, Z):
+    """Returns (Y + g^T (x omega), Z + (g psi^T)^T x) for one layer's input x (T, in) and output
+    gradient g (T, out): omega is (in, k), psi (k', out), Y (out, k), Z (k', in). The products run
+    over blocks of rows in the accumulators' dtype (fp32 for fp16/bf16 data)."""
+    acc = Y.dtype
+    Y, Z = Y.clone(), Z.clone()
+    for t0 in range(0, x.shape[0], SKETCH_BLOCK_ROWS):
+        xb = x[t0:t0 + SKETCH_BLOCK_ROWS].to(acc)
+        gb = g[t0:t0 + SKETCH_BLOCK_ROWS].to(acc)
+        Y.addmm_(gb.t(), xb @ omega)
+        Z.addmm_((gb @ psi.t()).t(), xb)
+    return Y, Z
+
+
+# CholeskyQR2 is accepted when Q^T Q is this close to the identity (float64), else Householder QR.
+ORTHONORMAL_TOL = 1e-10
+
+
+def _cholesky_qr(y):
+    """Q = y R^-1 with R^T R = y^T y, or None if the Cholesky factorisation fails."""
+    r, info = torch.linalg.cholesky_ex(y.mT @ y, upper=True)
+    if info.any():
+        return None
+    return torch.linalg.solve_triangular(r, y, upper=True, left=False)
+
+
+def orthonormalize(y):
+    """An orthonormal basis of the columns of y (..., m, l), in y's dtype.
+
+    CholeskyQR2 in float64 (two Cholesky passes: GEMMs and an l x l factorisation, no
+    column-by-column Householder sweep); Householder QR when y is too ill-conditioned or rank
+    deficient for it (the Cholesky fails or Q comes out non-orthonormal)."""
+    y64 = y.to(torch.float64)
+    q = _cholesky_qr(y64)
+    q = None if q is None else _cholesky_qr(q)
+    if q is not None:
+        eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+        if not (q.mT @ q - eye).abs().max() <= ORTHONORMAL_TOL:  # "not <=" catches NaN too
+            q = None
+    if q is None:
+        q = torch.linalg.qr(y64).Q
+    return q.to(y.dtype)
+
+
+def rsvd(A, omega, k: int, niter: int):
+    """Top-k singular triplets of A (m, n) or a batch (L, m, n): returns U (..., m, k), S (..., k),
+    V (..., n, k) in A's dtype. omega (..., n, l), l >= k, is the random test matrix; each of the
+    niter power iterations re-orthonormalises; the small SVD of Q^T A (l x n) runs in float64."""
+    q = orthonormalize(A @ omega)
+    for _ in range(niter):
+        q = orthonormalize(A @ orthonormalize(A.mT @ q))
+    u, s, vh = torch.linalg.svd((q.mT @ A).to(torch.float64), full_matrices=False)
+    return (q @ u[..., :k].to(A.dtype), s[..., :k].to(A.dtype), vh[..., :k, :].mT.to(A.dtype))
