@@ -1,22 +1,25 @@
 // CPU kernels of giva::linear_forward / giva::linear_backward (DESIGN.md §2).
 //
 // The base GEMMs dominate; the adapter's cost is its thin (K or N = r) products and the memory
-// passes over T-sized tensors they add. Two paths, chosen per call by use_merged():
+// passes over T-sized tensors they add. Two paths, chosen per call and direction by
+// merge_forward() / merge_backward():
 //
-// merged (large r, weight small next to the tokens): W_eff = W + B'' A' (out x in) is formed and
-//   used in place of W: y = x W_eff^T + bias, grad_x = g W_eff (rebuilt in backward, not saved).
-//   The adapter then costs s = x A^T, M = g^T s and two rank-r updates of W, no T-sized pass.
-// fold (otherwise): the small adapter term is written into the output first and the base GEMM
-//   accumulates onto it (beta = 1), reading it tile by tile while compute-bound:
-//     forward   y = [s*lambda_s, 1] [B'', bias]^T, then y += x W^T
-//     backward  grad_x = ((g B'')*lambda_s) A, then grad_x += g W
+// merged: W_eff = W + B'' A' (out x in) is formed and used in place of W: y = x W_eff^T + bias,
+//   grad_x = g W_eff (rebuilt in backward, not saved). The adapter then costs s = x A^T, M = g^T s
+//   and a rank-r update of W per direction, no T-sized pass beyond reading x and g.
+// fold: the small adapter term is written into the output first and the base GEMM accumulates
+//   onto it (beta = 1), reading it tile by tile while compute-bound:
+//     forward   y = bias + s (B'' diag(lambda_s))^T, then y += x W^T
+//     backward  grad_x = (g B'') (diag(lambda_s) A), then grad_x += g W
 //   (nn.Linear with a bias does the same: it broadcasts the bias into y before its GEMM.)
 // In bfloat16, W_eff rounds W + update to W's precision; measured against an fp32 reference its
 // y error stays below the bf16 composite's (which rounds x W^T on its own), so both dtypes share
-// the rule.
+// the rules.
 //
-// The fold path's thin products and M run per cache-sized block of rows (x or g read once, while
-// hot), in parallel over blocks; bfloat16 accumulates them, M and the lambda gradients in fp32.
+// The thin products and M run per cache-sized block of rows (x or g read once, while hot), in
+// parallel over blocks. In fp32 they are the SIMD kernels of thin_kernels.h (BLAS runs these
+// shapes far below GEMM speed); other dtypes use ATen, bfloat16 accumulating u, M and the lambda
+// gradients in fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -26,6 +29,7 @@
 #include <array>
 
 #include "checks.h"
+#include "thin_kernels.h"
 
 namespace giva {
 namespace {
@@ -35,17 +39,75 @@ constexpr std::array<at::ScalarType, 3> kDtypes = {at::kFloat, at::kBFloat16, at
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kBFloat16 ? at::kFloat : t; }
 
-// W_eff costs a read and a write of W (out*in) and an out x r x in product per direction; the
-// fold path instead runs three more thin T-row products (the two fills and g B''). Measured on
-// 2-core AVX-512, fp32: folding wins or ties for r <= 32 at every shape tried (T 512..4096,
-// in=out 1024 and 4096); merging wins at r = 64 once T >= 2*min(in, out) (T=2048, 1024x1024).
-bool use_merged(int64_t T, int64_t in, int64_t out, int64_t r) {
+// Merging costs a read and a write of W and an out x r x in product per direction, folding costs
+// thin T-row products; M = g^T s and s = x A^T are common to both.
+// forward:  the fold adds only the fill's FLOPs (2 T out r; its write replaces the bias broadcast),
+//   so merging wins only for large r with T well above in: r >= 32 and T >= 2 min(in, out)
+//   (measured, 2-core AVX-512, T=2048, 1024x1024: merging the forward loses ~1 ms at r = 8 and
+//   wins at r = 64).
+// backward: the fold also writes grad_x before the GEMM reads it back (T x in each way) and runs
+//   u = g B'' (2 T out r), against W's out x in: merging wins once out <= T (measured at
+//   T=2048, 1024x1024, r = 8: 0.5-1 ms less per backward).
+bool merge_forward(int64_t T, int64_t in, int64_t out, int64_t r) {
   return r >= 32 && 2 * std::min(in, out) <= T;
 }
+bool merge_backward(int64_t T, int64_t out) { return out <= T; }
 
-at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
-                         const at::Tensor& lambda_s, const at::Tensor& lambda_o) {
-  return at::addmm(weight, B * lambda_o.unsqueeze(1), A * lambda_s.unsqueeze(1));
+// The SIMD kernels take fp32 matrices with unit column stride (any row stride).
+bool simd_ok(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && (t.stride(1) == 1 || t.size(1) <= 1);
+}
+
+// A copy of a small fp32 matrix with each row padded by 64 bytes: rows of a power-of-two width
+// would otherwise all map to the same L1 sets when a SIMD tile reads them at one column.
+at::Tensor padded(const at::Tensor& t) {
+  if (t.scalar_type() != at::kFloat) return t.contiguous();
+  return at::empty({t.size(0), t.size(1) + 16}, t.options()).narrow(1, 0, t.size(1)).copy_(t);
+}
+
+// s = x w, for a thin w (K x r) given in both layouts (w and wT = w^T). The first r - r % 16
+// columns of s run as a rank-K update vectorised along r (FMA-bound), the rest as dot products
+// along K (the rows of x stream through once).
+void thin_product(const at::Tensor& x, const at::Tensor& w, const at::Tensor& wT, at::Tensor s) {
+  if (!(simd_ok(x) && simd_ok(w) && simd_ok(wT) && simd_ok(s))) {
+    at::mm_out(s, x.to(s.scalar_type()), w.to(s.scalar_type()));
+    return;
+  }
+  const int64_t n = x.size(0), K = x.size(1), r = s.size(1), r16 = r - r % 16;
+  if (r16 > 0)
+    cpu::rank_update(n, r16, K, x.const_data_ptr<float>(), x.stride(0), w.const_data_ptr<float>(),
+                     w.stride(0), nullptr, 0, s.mutable_data_ptr<float>(), s.stride(0));
+  if (r16 < r)
+    cpu::rows_dot(n, r - r16, K, x.const_data_ptr<float>(), x.stride(0),
+                  wT[r16].const_data_ptr<float>(), wT.stride(0),
+                  s.mutable_data_ptr<float>() + r16, s.stride(0));
+}
+
+// out = init + c b, a rank-K update (K = c.size(1), small). init: undefined (zeros) or of out's
+// shape (a bias row expanded with stride 0, or W).
+void rank_update(at::Tensor out, const at::Tensor& c, const at::Tensor& b, const at::Tensor& init) {
+  if (simd_ok(out) && simd_ok(b) && simd_ok(c) && (!init.defined() || simd_ok(init))) {
+    cpu::rank_update(out.size(0), out.size(1), c.size(1), c.const_data_ptr<float>(), c.stride(0),
+                     b.const_data_ptr<float>(), b.stride(0),
+                     init.defined() ? init.const_data_ptr<float>() : nullptr,
+                     init.defined() ? init.stride(0) : 0, out.mutable_data_ptr<float>(),
+                     out.stride(0));
+    return;
+  }
+  const auto cc = c.to(out.scalar_type()), bc = b.to(out.scalar_type());
+  if (!init.defined()) at::mm_out(out, cc, bc);
+  else at::addmm_out(out, init, cc, bc);
+}
+
+// m += s^T g (m: r x out, the accumulator dtype).
+void accumulate_outer(at::Tensor m, const at::Tensor& s, const at::Tensor& g) {
+  if (simd_ok(m) && simd_ok(s) && simd_ok(g)) {
+    cpu::accumulate_outer(m.size(0), m.size(1), s.size(0), s.const_data_ptr<float>(), s.stride(0),
+                          g.const_data_ptr<float>(), g.stride(0), m.mutable_data_ptr<float>(),
+                          m.stride(0));
+    return;
+  }
+  m.addmm_(s.to(m.scalar_type()).t(), g.to(m.scalar_type()));
 }
 
 // Rows per block so that a block of a T-sized operand (`width` wide) stays in L2.
@@ -65,6 +127,18 @@ void for_row_blocks(int64_t T, int64_t rows, const F& body) {
   });
 }
 
+// W_eff = W + B'' A', in parallel over blocks of W's rows.
+at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
+                         const at::Tensor& lambda_s, const at::Tensor& lambda_o) {
+  const auto B_o = B * lambda_o.unsqueeze(1), A_s = padded(A * lambda_s.unsqueeze(1));
+  auto w_eff = at::empty(weight.sizes(), weight.options());
+  for_row_blocks(weight.size(0), block_rows(weight.size(1), weight.element_size()),
+                 [&](int64_t b0, int64_t n) {
+    rank_update(w_eff.narrow(0, b0, n), B_o.narrow(0, b0, n), A_s, weight.narrow(0, b0, n));
+  });
+  return w_eff;
+}
+
 std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& lambda_s,
@@ -74,31 +148,31 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
   const int64_t T = x.size(0), in = x.size(1), out = weight.size(0), r = A.size(0);
   const auto xc = x.contiguous();
+  const bool merged = merge_forward(T, in, out, r);
 
-  if (use_merged(T, in, out, r)) {
-    const auto w_eff = merged_weight(weight, A, B, lambda_s, lambda_o);
-    auto s = at::mm(xc, A.t());
-    auto y = has_bias ? at::addmm(*bias_opt, xc, w_eff.t()) : at::mm(xc, w_eff.t());
-    return {y, s};
-  }
-
-  // rhs = [B'', bias] (out, r + 1): the bias rides as an extra K column, so one product writes y.
-  const int64_t k = r + (has_bias ? 1 : 0);
-  auto rhs = at::empty({out, k}, x.options());
-  rhs.narrow(1, 0, r).copy_(B).mul_(lambda_o.unsqueeze(1));
-  if (has_bias) rhs.select(1, r).copy_(*bias_opt);
+  // s = x A^T with A in both layouts; and for the fill (B'' diag(lambda_s))^T (r, out), so that
+  // y's adapter term is s times it and s itself is never scaled.
+  const auto A_c = A.contiguous(), AT = A.t().contiguous();
+  const auto acc = acc_type(x.scalar_type());
+  const auto BT = merged ? at::Tensor()
+                         : padded((B.to(acc) * lambda_o.to(acc).unsqueeze(1) * lambda_s.to(acc))
+                                      .t().to(x.scalar_type()));
   auto s = at::empty({T, r}, x.options());
   auto y = at::empty({T, out}, x.options());
   for_row_blocks(T, block_rows(in, x.element_size()), [&](int64_t b0, int64_t n) {
     auto s_blk = s.narrow(0, b0, n);
-    auto y_blk = y.narrow(0, b0, n);
-    s_blk.copy_(at::mm(A, xc.narrow(0, b0, n).t()).t());  // A x^T: the faster layout for small r
-    auto lhs = at::empty({n, k}, x.options());  // [s * lambda_s, 1]
-    lhs.narrow(1, 0, r).copy_(s_blk).mul_(lambda_s);
-    if (has_bias) lhs.select(1, r).fill_(1);
-    at::mm_out(y_blk, lhs, rhs.t());
+    thin_product(xc.narrow(0, b0, n), AT, A_c, s_blk);
+    if (!merged)
+      rank_update(y.narrow(0, b0, n), s_blk, BT,
+                  has_bias ? bias_opt->unsqueeze(0).expand({n, out}) : at::Tensor());
   });
-  y.addmm_(xc, weight.t());
+  if (merged) {
+    const auto w_eff = merged_weight(weight, A, B, lambda_s, lambda_o);
+    if (has_bias) at::addmm_out(y, *bias_opt, xc, w_eff.t());
+    else at::mm_out(y, xc, w_eff.t());
+  } else {
+    y.addmm_(xc, weight.t());
+  }
   return {y, s};
 }
 
@@ -113,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
   const int64_t T = grad_y.size(0), out = grad_y.size(1), in = weight.size(1), r = A.size(0);
   const auto dtype = grad_y.scalar_type();
   const auto acc = acc_type(dtype);
-  const bool merged = use_merged(T, in, out, r);
+  const bool merged = merge_backward(T, out);
   const bool fill_x = need_x && !merged;
   const auto g = grad_y.contiguous();
   const auto sc = s.contiguous();
@@ -123,20 +197,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
 
   at::Tensor grad_x, grad_lambda_s, grad_lambda_o;
   if (need_x) grad_x = at::empty({T, in}, g.options());
-  // B''^T (r, out); and one partial M^T = s^T g (r, out) per thread, summed after the loop.
-  // Transposed, both thin products have the long dimension as N, which BLAS runs faster.
-  const auto B_oT = fill_x ? (B_acc * lambda_o_acc.unsqueeze(1)).t().contiguous() : at::Tensor();
+  // The fill: u = g B'' (B'' (out, r) in both layouts), then grad_x = u A'.
+  const auto B_o = fill_x ? B_acc * lambda_o_acc.unsqueeze(1) : at::Tensor();
+  const auto B_oT = fill_x ? B_o.t().contiguous() : at::Tensor();
+  const auto A_s = fill_x ? padded(A * lambda_s.unsqueeze(1)) : at::Tensor();
+  // One partial M^T = s^T g (r, out) per thread, summed after the loop.
   const auto M_parts = need_lambda ? at::zeros({at::get_num_threads(), r, out}, g.options().dtype(acc))
                                    : at::Tensor();
   if (fill_x || need_lambda) {
     for_row_blocks(T, block_rows(out, g.element_size()), [&](int64_t b0, int64_t n) {
-      const auto g_blk = g.narrow(0, b0, n).to(acc);
+      const auto g_blk = g.narrow(0, b0, n);
       if (fill_x) {
-        const auto uT = at::mm(B_oT, g_blk.t()).mul_(lambda_s_acc.unsqueeze(1)).to(dtype);
-        auto gx_blk = grad_x.narrow(0, b0, n);
-        at::mm_out(gx_blk, uT.t(), A);
+        auto u = at::empty({n, r}, g.options().dtype(acc));
+        thin_product(g_blk, B_o, B_oT, u);
+        rank_update(grad_x.narrow(0, b0, n), u, A_s, at::Tensor());
       }
-      if (need_lambda) M_parts[at::get_thread_num()].addmm_(sc.narrow(0, b0, n).to(acc).t(), g_blk);
+      if (need_lambda) accumulate_outer(M_parts[at::get_thread_num()], sc.narrow(0, b0, n), g_blk);
     });
   }
   if (fill_x) grad_x.addmm_(g, weight);
