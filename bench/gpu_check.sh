@@ -51,7 +51,7 @@ step build 240 "$ENV_LOG" build
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 tail -n 30 "$ENV_LOG"
 
-step pytest 150 "$OUT/pytest.log" "$PY" -m pytest tests/test_ops_cuda.py tests/test_ops.py -q \
+step pytest 150 "$OUT/pytest.log" "$PY" -m pytest tests/test_ops_cuda.py tests/test_sketch_cuda.py tests/test_ops.py -q \
   -p no:cacheprovider --junitxml="$OUT/pytest.xml"
 tail -n 25 "$OUT/pytest.log"
 
