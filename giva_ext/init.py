@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .layer import GiVALinear, block_bases, random_orthonormal
-from .model import get_config, giva_layers
+from .model import check_unmerged, get_config, giva_layers
 from .rsvd import GradientSketch, randomized_svd
 from .serialization import _atomic_write, weight_fingerprint
 
@@ -427,9 +427,7 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
     if passes > 1 and batches is not None and iter(batches) is batches:
         raise ValueError(f"passes={passes} runs the batches {passes} times, but batches is a one-shot "
                          f"iterator ({type(batches).__name__}); pass a list or a DataLoader")
-    merged = [name for name, layer in layers.items() if layer.merged]
-    if merged:
-        raise RuntimeError(f"GiVA layer {merged[0]!r} is merged; unmerge the model before init_bases")
+    check_unmerged(layers, "init_bases")
     units = _units(layers, mode)
     generator = torch.Generator().manual_seed(config.seed)
     rank, world = _dist_rank_world()

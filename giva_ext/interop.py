@@ -27,7 +27,7 @@ from torch import nn
 
 from .config import GiVAConfig
 from .layer import linear_shape
-from .model import _modules_to_save, apply_giva, find_targets, get_config, giva_layers
+from .model import _modules_to_save, apply_giva, check_unmerged, find_targets, get_config, giva_layers
 from .serialization import CONFIG_NAME, WEIGHTS_NAME, _atomic_write
 
 # PeftModel wraps the tuner (base_model) around the user's model (model); saved keys keep both.
@@ -51,10 +51,7 @@ def export_lora(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     config = get_config(model)
     layers = giva_layers(model)
-    merged = [n for n, layer in layers.items() if layer.merged]
-    if merged:
-        raise RuntimeError(f"GiVA layer {merged[0]!r} is merged; a LoRA adapter is the unmerged "
-                           "update, so unmerge the model before export_lora")
+    check_unmerged(layers, "export_lora (a LoRA adapter is the unmerged update)")
     tensors = {}
     for name, layer in layers.items():
         # Scaled in fp32 and stored in the vectors' dtype, like delta_weight.

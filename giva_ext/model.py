@@ -163,28 +163,33 @@ def trainable_parameters(model: nn.Module) -> TrainableReport:
                            sum(p.numel() for p in params))
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (W += diag(lambda_o) B diag(lambda_s) A)."""
+def check_unmerged(layers: dict[str, GiVALinear], action: str) -> None:
+    """RuntimeError naming the first merged layer: ``action`` needs the pretrained base weights."""
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        raise RuntimeError(f"GiVA layer {merged[0]!r} is merged; unmerge the model before {action}")
+
+
+def _set_merged(model: nn.Module, merged: bool) -> nn.Module:
     layers = giva_layers(model)
     if not layers:
-        raise ValueError("model has no GiVA layers to merge")
+        raise ValueError("model has no GiVA layers")
     for name, layer in layers.items():
-        if layer.merged:
-            raise RuntimeError(f"GiVA layer {name!r} is already merged")
+        if layer.merged == merged:
+            raise RuntimeError(f"GiVA layer {name!r} is {'already' if merged else 'not'} merged")
     for layer in layers.values():
-        layer.merge()
+        layer.merge() if merged else layer.unmerge()
     return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W += diag(lambda_o) B diag(lambda_s) A)."""
+    return _set_merged(model, True)
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo merge on every layer (exact up to the weight dtype's rounding)."""
-    layers = giva_layers(model)
-    for name, layer in layers.items():
-        if not layer.merged:
-            raise RuntimeError(f"GiVA layer {name!r} is not merged")
-    for layer in layers.values():
-        layer.unmerge()
-    return model
+    return _set_merged(model, False)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

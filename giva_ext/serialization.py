@@ -20,7 +20,8 @@ from torch import nn
 
 from .config import GiVAConfig
 from .layer import GiVALinear, linear_shape
-from .model import _modules_to_save, apply_giva, chunks_for, find_targets, get_config, giva_layers
+from .model import (_modules_to_save, apply_giva, check_unmerged, chunks_for, find_targets, get_config,
+                    giva_layers)
 from .version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -66,10 +67,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save the adapter (bases, vectors, modules_to_save) of ``model`` into folder ``path``."""
     config = get_config(model)
     layers = giva_layers(model)
-    merged = [n for n, layer in layers.items() if layer.merged]
-    if merged:
-        raise RuntimeError(f"GiVA layer {merged[0]!r} is merged; unmerge the model before saving "
-                           "(the fingerprint must describe the pretrained weights)")
+    check_unmerged(layers, "saving (the fingerprint must describe the pretrained weights)")
     tensors = {}
     for name, layer in layers.items():
         for field in ADAPTER_FIELDS:
@@ -145,9 +143,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     config: GiVAConfig = header["config"]
     layers = giva_layers(model)
     if layers:
-        merged = [n for n, layer in layers.items() if layer.merged]
-        if merged:
-            raise RuntimeError(f"GiVA layer {merged[0]!r} is merged; unmerge before load_adapter")
+        check_unmerged(layers, "load_adapter")
         targets = dict(layers)
     else:
         targets = find_targets(model, config)

@@ -12,6 +12,19 @@ transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
+def train_steps(model, batch, steps):
+    """AdamW (lr 1e-2) on what requires grad, ``steps`` times on one batch; returns the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def tiny(kind):
     """A tiny randomly initialised model of ``kind`` and a batch with labels for it."""
     torch.manual_seed(0)
@@ -65,14 +78,7 @@ def test_tiny_model_end_to_end(kind, n_targets, heads, tmp_path):
     g.init_bases(model, [batch], progress=False)
     torch.testing.assert_close(outputs(model, batch), before)
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, 5)
     assert losses[-1] < losses[0]
     tuned = outputs(model, batch)
 
@@ -199,14 +205,7 @@ def test_real_minilm_all_linear_end_to_end(tmp_path):
     assert len(g.giva_layers(model)) == 6 * 6 + 1  # q, k, v, attn out, FFN in, FFN out; pooler
     g.init_bases(model, [batch], progress=False)
     torch.testing.assert_close(outputs(model, batch), before)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(4):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, 4)
     assert losses[-1] < losses[0]
     tuned = outputs(model, batch)
     g.save_adapter(model, tmp_path)
