@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python $(NATIVE_SOURCES)
-	$(BIN)/pip install --quiet "$(TORCH)" setuptools wheel ninja
+	$(BIN)/pip install --quiet "$(TORCH)" numpy "setuptools>=77" wheel ninja
 	GIVA_BUILD=cpu $(BIN)/pip install --quiet --no-build-isolation -e ".[test]"
 	touch $@
 
