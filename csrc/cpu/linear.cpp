@@ -53,9 +53,11 @@ bool merge_forward(int64_t T, int64_t in, int64_t out, int64_t r) {
 }
 bool merge_backward(int64_t T, int64_t out) { return out <= T; }
 
-// The SIMD kernels take fp32 matrices with unit column stride (any row stride).
+// The SIMD kernels take fp32 matrices with unit column stride (any row stride), on CPUs where
+// they are fast.
 bool simd_ok(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat && (t.stride(1) == 1 || t.size(1) <= 1);
+  return cpu::thin_kernels_fast() && t.scalar_type() == at::kFloat &&
+         (t.stride(1) == 1 || t.size(1) <= 1);
 }
 
 // A copy of a small fp32 matrix with each row padded by 64 bytes: rows of a power-of-two width

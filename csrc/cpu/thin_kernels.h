@@ -7,6 +7,11 @@
 
 namespace giva::cpu {
 
+// Whether the kernels below have their fast build on this CPU. They are tuned for the 32 vector
+// registers of AVX-512; the AVX2 and generic builds spill and run ~20x slower than BLAS, so
+// callers use ATen instead where this is false.
+bool thin_kernels_fast();
+
 // s[i, j] = sum_k x[i, k] a[j, k] for i < n, j < r, k < K: r dot products per row of x against the
 // rows of a (r x K, small enough to stay in cache while x streams through once).
 void rows_dot(int64_t n, int64_t r, int64_t K, const float* x, int64_t ldx, const float* a,
