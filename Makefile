@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 NATIVE_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: test demo cuda-check clean
+.PHONY: test demo cuda-check wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +27,11 @@ demo: $(VENV)/.installed
 cuda-check:
 	bash tools/check_cuda_build.sh
 
+# sdist + pure-Python, CPU and CUDA wheels into dist/ (after cuda-check made .venv-cuda), then the
+# CPU wheel is installed into a fresh environment and smoke-tested there.
+wheels: $(VENV)/.installed
+	bash tools/build_wheels.sh $(wildcard .venv-cuda)
+	bash tools/wheel_smoke.sh
+
 clean:
-	rm -rf build giva_ext/_C*.so *.egg-info
+	rm -rf build dist giva_ext/_C*.so giva_ext/_C.json *.egg-info

@@ -6,16 +6,34 @@ GIVA_BUILD selects what is built:
   cuda            the cpu sources + csrc/cuda/*.cu
   none            no extension (the pure-PyTorch reference runs)
 MAX_JOBS caps parallel compile jobs (ninja); TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0+PTX".
+
+The built library gets its build record, giva_ext/_C.json (see giva_ext/buildinfo.py), and the
+version its build as a local label: 0.1.0+cu130torch2.14, 0.1.0+cputorch2.13, or 0.1.0 for none.
 """
 import glob
+import importlib.util
 import os
+import shutil
 import site
 import sysconfig
 
 from setuptools import setup
+from setuptools.dist import Distribution
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MODES = ("auto", "cpu", "cuda", "none")
+
+
+def _load_file(name, path):
+    """A module of giva_ext loaded by path: importing giva_ext itself needs a built package."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+buildinfo = _load_file("giva_buildinfo", "giva_ext/buildinfo.py")
+BASE_VERSION = _load_file("giva_version", "giva_ext/version.py").__version__
 
 
 def _sources(pattern):
@@ -29,11 +47,12 @@ def _nvidia_wheel_includes():
 
 
 def _extensions():
+    """(extensions, cmdclass, version) for GIVA_BUILD."""
     mode = os.environ.get("GIVA_BUILD", "auto").strip().lower()
     if mode not in MODES:
         raise SystemExit(f"GIVA_BUILD must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "none":
-        return [], {}
+        return [], {}, buildinfo.version_tag(BASE_VERSION, "none")
 
     # torch.utils.cpp_extension reads CUDA_HOME when imported; a wrapper nvcc on PATH can make its
     # guess wrong, so prefer the standard toolkit location when it is complete.
@@ -62,9 +81,44 @@ def _extensions():
                                           include_dirs=_nvidia_wheel_includes(), **kwargs)
     else:
         ext = cpp_extension.CppExtension("giva_ext._C", sources, **kwargs)
+    record = buildinfo.make_record(mode, torch.__version__, torch.version.cuda,
+                                   os.environ.get("TORCH_CUDA_ARCH_LIST"))
+    version = buildinfo.version_tag(BASE_VERSION, mode, torch.__version__, torch.version.cuda)
     # BuildExtension compiles with ninja and honours MAX_JOBS.
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    base = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+    class BuildExt(base):
+        """Writes the build record next to the library it describes."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            # Always relink (ninja still skips up-to-date objects): a library skipped as up to date
+            # may come from another torch, and the record must describe the library beside it.
+            self.force = True
+
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            library = self.get_ext_fullpath(ext.name)
+            buildinfo.write_record(os.path.join(os.path.dirname(library), buildinfo.RECORD_NAME),
+                                   record)
+
+        def copy_extensions_to_source(self):
+            # In-place and editable builds copy the library into giva_ext/; the record goes with it.
+            super().copy_extensions_to_source()
+            built = os.path.join(self.build_lib, "giva_ext", buildinfo.RECORD_NAME)
+            package_dir = self.get_finalized_command("build_py").get_package_dir("giva_ext")
+            shutil.copyfile(built, os.path.join(package_dir, buildinfo.RECORD_NAME))
+
+    return [ext], {"build_ext": BuildExt}, version
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+class TaggedDistribution(Distribution):
+    """pyproject.toml reads the base version from giva_ext/version.py; this adds the build tag."""
+
+    def parse_config_files(self, *args, **kwargs):
+        super().parse_config_files(*args, **kwargs)
+        self.metadata.version = VERSION
+
+
+ext_modules, cmdclass, VERSION = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass, distclass=TaggedDistribution)

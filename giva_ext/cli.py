@@ -2,9 +2,44 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import platform
 
-from . import demo
+import torch
+
+from . import demo, ops
 from .version import __version__
+
+# The dispatch keys whose kernels `giva env` lists for each op.
+_DEVICE_KEYS = ("CPU", "CUDA")
+
+
+def env(args: argparse.Namespace) -> int:
+    """Print what runs here: versions, how _C was built, whether it loaded, the kernels per op."""
+    cuda = torch.version.cuda
+    try:
+        installed = f"installed as {importlib.metadata.version('giva_ext')}"
+    except importlib.metadata.PackageNotFoundError:
+        installed = "not installed"
+    print(f"giva_ext {__version__} ({installed})")
+    print(f"python {platform.python_version()}")
+    print(f"torch {torch.__version__} (CUDA {cuda})" if cuda else f"torch {torch.__version__} (CPU)")
+    if cuda:
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        print(f"GPUs: {', '.join(names) if names else 'none visible'}")
+    info = ops.BUILD_INFO
+    if info is None:
+        print("build: no build record (the library is not built, or was not built by setup.py)")
+    else:
+        print(f"build: mode {info['mode']}, built for torch {info['torch']}, CUDA {info['cuda']}, "
+              f"TORCH_CUDA_ARCH_LIST {info['arch_list']}")
+    print("native ops: loaded" if ops.HAS_NATIVE else f"native ops: not loaded ({ops.LOAD_ERROR})")
+    if ops.HAS_NATIVE:
+        names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("giva::"))
+        for name in names:
+            keys = [k for k in _DEVICE_KEYS if torch._C._dispatch_has_kernel_for_dispatch_key(name, k)]
+            print(f"  {name}: {', '.join(keys) if keys else 'no device kernels'}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_arguments(p)
     p.set_defaults(func=demo.run)
+
+    p = commands.add_parser("env", help="versions, how the native ops were built, where they run",
+                            description=env.__doc__)
+    p.set_defaults(func=env)
     return parser
 
 

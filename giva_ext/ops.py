@@ -12,27 +12,44 @@ Without a loadable _C every caller falls back to giva_ext.reference, after one w
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 
 import torch
 
+from . import buildinfo
 
-def _load() -> str | None:
-    """Load the op library; returns why it could not be loaded, or None."""
+
+def _load() -> tuple[dict | None, str | None]:
+    """Load the op library if its build record fits this torch.
+
+    Returns (the build record, or None where the library or its record is missing; why the library
+    is not loaded, or None). A library without a record (a CMake build) is loaded unchecked.
+    """
     # _C only registers ops with the dispatcher (no Python bindings), so it is loaded as a torch op
     # library rather than imported as a Python module.
     spec = importlib.util.find_spec("giva_ext._C")
     if spec is None or spec.origin is None:
-        return ("giva_ext._C is not built (pip install --no-build-isolation -e . or "
-                "python setup.py build_ext --inplace)")
+        return None, ("giva_ext._C is not built (pip install --no-build-isolation -e . or "
+                      "python setup.py build_ext --inplace)")
+    record_path = os.path.join(os.path.dirname(spec.origin), buildinfo.RECORD_NAME)
+    record = None
+    if os.path.exists(record_path):
+        try:
+            record = buildinfo.read_record(record_path)
+        except ValueError as exc:
+            return None, str(exc)
+        reason = buildinfo.mismatch(record, torch.__version__, torch.version.cuda)
+        if reason is not None:
+            return record, f"{reason}; rebuild giva_ext for this torch"
     try:
         torch.ops.load_library(spec.origin)
     except OSError as exc:  # e.g. built against another torch: undefined symbols
-        return f"cannot load {spec.origin}: {exc}"
-    return None
+        return record, f"cannot load {spec.origin}: {exc}"
+    return record, None
 
 
-LOAD_ERROR: str | None = _load()
+BUILD_INFO, LOAD_ERROR = _load()
 HAS_NATIVE = LOAD_ERROR is None
 if not HAS_NATIVE:
     warnings.warn(f"giva_ext: native ops unavailable ({LOAD_ERROR}); using the pure-PyTorch reference",
