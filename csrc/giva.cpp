@@ -12,6 +12,11 @@ TORCH_LIBRARY(giva, m) {
   // comes back undefined (None in Python), as in aten::native_layer_norm_backward.
   m.def("linear_backward(Tensor grad_y, Tensor s, Tensor weight, Tensor A, Tensor B, "
         "Tensor lambda_s, Tensor lambda_o, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Mixed-adapter batch (inference only): y = x W^T + bias, plus on row t the adapter
+  // token_ids[t] of the lists A (r_i, in), B (out, r_i), lambda_s (r_i,), lambda_o (out,), or no
+  // adapter where token_ids[t] == -1. token_ids is int64 (T,) on x's device; ranks may differ.
+  m.def("mixed_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] A, Tensor[] B, "
+        "Tensor[] lambda_s, Tensor[] lambda_o, Tensor token_ids) -> Tensor");
   // Gradient sketch of one layer (DESIGN.md §2): returns (Y + g^T (x omega), Z + (g psi^T)^T x)
   // for x (T, in), g (T, out), omega (in, k), psi (k', out), Y (out, k), Z (k', in). Y, Z, omega
   // and psi are float32 (float64 for float64 data); fp16/bf16 x and g accumulate in float32.

@@ -38,3 +38,37 @@ def giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, dropout: float = 0.0,
     else:
         y = reference.linear(x2, weight, bias, A, B, lambda_s, lambda_o)
     return y.reshape(*lead, y.shape[-1])
+
+
+def mixed_giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, row_ids):
+    """Inference-only layer output where row i of x (its first dimension) uses adapter row_ids[i]
+    of the lists A, B, lambda_s, lambda_o (one entry per adapter), or none where row_ids[i] == -1.
+
+    The base GEMM runs once for the whole batch; each adapter's shrink and expand run on its own
+    rows (giva::mixed_linear when the native op fits x, else the reference).
+    """
+    if x.dim() < 2:
+        raise ValueError(f"a mixed-adapter batch needs x with a batch dimension, got shape {tuple(x.shape)}")
+    if row_ids.dim() != 1 or row_ids.dtype != torch.long:
+        raise ValueError(f"adapter ids must be a 1-D int64 tensor, got {row_ids.dtype} of shape "
+                         f"{tuple(row_ids.shape)}")
+    if row_ids.device != x.device:
+        raise ValueError(f"adapter ids are on {row_ids.device} but the input is on {x.device}")
+    if row_ids.numel() != x.shape[0]:
+        raise ValueError(f"{row_ids.numel()} adapter ids for a batch of {x.shape[0]} rows "
+                         f"(input shape {tuple(x.shape)})")
+    if row_ids.numel() and not -1 <= int(row_ids.min()) <= int(row_ids.max()) < len(A):
+        raise ValueError(f"adapter ids must be in [-1, {len(A)}) for this layer's {len(A)} adapters, "
+                         f"got ids from {int(row_ids.min())} to {int(row_ids.max())}")
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in (*lambda_s, *lambda_o))):
+        raise RuntimeError("mixed-adapter batches are inference-only: run them under torch.no_grad() "
+                           "or torch.inference_mode()")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    token_ids = row_ids.repeat_interleave(x2.shape[0] // x.shape[0]) if x.shape[0] else row_ids
+    dtype = x.dtype
+    args = (x2, weight.to(dtype), None if bias is None else bias.to(dtype),
+            [t.to(dtype) for t in A], [t.to(dtype) for t in B],
+            [t.to(dtype) for t in lambda_s], [t.to(dtype) for t in lambda_o], token_ids)
+    y = (torch.ops.giva.mixed_linear(*args) if ops.supports_mixed(x2) else reference.mixed_linear(*args))
+    return y.reshape(*lead, y.shape[-1])

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .functional import giva_linear
+from .functional import giva_linear, mixed_giva_linear
 
 
 def random_orthonormal(rows: int, cols: int, generator: torch.Generator | None = None,
@@ -43,25 +43,13 @@ def block_bases(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
     return torch.cat([A for A, _ in parts]), torch.block_diag(*[B for _, B in parts])
 
 
-class GiVALinear(nn.Module):
-    """Drop-in for nn.Linear (or transformers' Conv1D) with a GiVA adapter.
+class GiVAAdapter(nn.Module):
+    """One named adapter of a GiVALinear: frozen bases A (r, in) and B (out, r), trainable
+    lambda_s (r,) and lambda_o (out,). Starts at lambda_s = 1, lambda_o = 0 (adds exactly zero) with
+    random orthonormal bases (block-diagonal B with ``chunks`` > 1)."""
 
-    ``y = base(x) + lambda_o * (B (lambda_s * (A x)))``.  ``base`` is a frozen nn.Linear or Conv1D;
-    A (r, in) and B (out, r) are frozen buffers (random orthonormal until ``init_bases`` sets them
-    from the gradient); lambda_s (r, ones) and lambda_o (out, zeros) are the only parameters that
-    train, so a new layer computes exactly what ``base`` computes. A, B and ``delta_weight()`` are in
-    the (out, in) layout for both base kinds; only merge touches Conv1D's transposed weight.
-
-    ``chunks=n`` is for fused projections (GPT-2's c_attn holds q, k and v): the output splits into n
-    equal chunks, each with its own adapter of rank r / n, so B is block-diagonal (``block_bases``).
-
-    Build it standalone, ``GiVALinear(in_features, out_features, r, bias=True)``, or around an
-    existing layer, ``GiVALinear.from_linear(linear, r)``.
-    """
-
-    def __init__(self, in_features: int, out_features: int, r: int, bias: bool = True,
-                 dropout: float = 0.0, device=None, dtype=None, *, base: nn.Module | None = None,
-                 generator: torch.Generator | None = None, chunks: int = 1):
+    def __init__(self, in_features: int, out_features: int, r: int, chunks: int = 1,
+                 dropout: float = 0.0, generator: torch.Generator | None = None, dtype=None, device=None):
         super().__init__()
         check_rank(r, in_features, out_features, needed=1)  # a positive int; the bound comes next
         if not isinstance(chunks, int) or chunks <= 0 or out_features % chunks or r % chunks:
@@ -70,38 +58,133 @@ class GiVALinear(nn.Module):
         check_rank(r // chunks, in_features, out_features // chunks)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if base is None:
-            base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        elif linear_shape(base) is None:
-            raise TypeError(f"base must be an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
-        elif linear_shape(base) != (in_features, out_features):
-            got_in, got_out = linear_shape(base)
-            raise ValueError(f"base is {got_out}x{got_in}, expected {out_features}x{in_features}")
-        base.requires_grad_(False)
-        self.base = base
-        self.fan_in_fan_out = is_conv1d(base)
-        self.in_features, self.out_features, self.r, self.chunks = in_features, out_features, r, chunks
-        self.dropout = dropout
-        self.merged = False
-        w = base.weight
-        parts = [(random_orthonormal(r // chunks, in_features, generator, w.dtype, w.device),
-                  random_orthonormal(out_features // chunks, r // chunks, generator, w.dtype, w.device))
+        self.r, self.chunks, self.dropout = r, chunks, dropout
+        parts = [(random_orthonormal(r // chunks, in_features, generator, dtype, device),
+                  random_orthonormal(out_features // chunks, r // chunks, generator, dtype, device))
                  for _ in range(chunks)]
         A, B = block_bases(parts)
         self.register_buffer("A", A)
         self.register_buffer("B", B)
-        self.lambda_s = nn.Parameter(torch.ones(r, dtype=w.dtype, device=w.device))
-        self.lambda_o = nn.Parameter(torch.zeros(out_features, dtype=w.dtype, device=w.device))
+        self.lambda_s = nn.Parameter(torch.ones(r, dtype=dtype, device=device))
+        self.lambda_o = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, dropout={self.dropout}" + (f", chunks={self.chunks}" if self.chunks > 1 else "")
+
+
+def check_adapter_name(name) -> None:
+    """Adapter names key module dicts and file folders: a non-empty str without '.', '/' or '\\'."""
+    if not isinstance(name, str) or not name or any(c in name for c in "./\\") or name != name.strip():
+        raise ValueError(f"adapter name must be a non-empty str without '.', '/', '\\' or surrounding "
+                         f"spaces, got {name!r}")
+
+
+class GiVALinear(nn.Module):
+    """Drop-in for nn.Linear (or transformers' Conv1D) with GiVA adapters.
+
+    ``y = base(x) + lambda_o * (B (lambda_s * (A x)))`` for the active adapter.  ``base`` is a frozen
+    nn.Linear or Conv1D; A (r, in) and B (out, r) are frozen buffers (random orthonormal until
+    ``init_bases`` sets them from the gradient); lambda_s (r, ones) and lambda_o (out, zeros) are the
+    only parameters that train, so a new layer computes exactly what ``base`` computes. A, B and
+    ``delta_weight()`` are in the (out, in) layout for both base kinds; only merge touches Conv1D's
+    transposed weight.
+
+    ``chunks=n`` is for fused projections (GPT-2's c_attn holds q, k and v): the output splits into n
+    equal chunks, each with its own adapter of rank r / n, so B is block-diagonal (``block_bases``).
+
+    A layer holds named adapters (``adapters``, a ModuleDict of GiVAAdapter; the first is
+    ``adapter_name``, "default"). One is active (``active_adapter``, or None: the bare base layer);
+    ``A``, ``B``, ``lambda_s``, ``lambda_o``, ``r``, ``chunks`` and ``dropout`` are the active one's.
+
+    Build it standalone, ``GiVALinear(in_features, out_features, r, bias=True)``, or around an
+    existing layer, ``GiVALinear.from_linear(linear, r)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, bias: bool = True,
+                 dropout: float = 0.0, device=None, dtype=None, *, base: nn.Module | None = None,
+                 generator: torch.Generator | None = None, chunks: int = 1,
+                 adapter_name: str = "default"):
+        super().__init__()
+        check_adapter_name(adapter_name)
+        if base is not None and linear_shape(base) is None:
+            raise TypeError(f"base must be an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
+        if base is not None and linear_shape(base) != (in_features, out_features):
+            got_in, got_out = linear_shape(base)
+            raise ValueError(f"base is {got_out}x{got_in}, expected {out_features}x{in_features}")
+        w = base.weight if base is not None else torch.empty(0, dtype=dtype, device=device)
+        first = GiVAAdapter(in_features, out_features, r, chunks, dropout, generator, w.dtype, w.device)
+        if base is None:
+            base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        base.requires_grad_(False)
+        self.base = base
+        self.fan_in_fan_out = is_conv1d(base)
+        self.in_features, self.out_features = in_features, out_features
+        self.merged = False
+        self.adapters = nn.ModuleDict({adapter_name: first})
+        self.active_adapter: str | None = adapter_name
+        # Per-row adapter choice of a mixed batch (set by giva_ext.mixed_adapters): (row ids into
+        # list(self.adapters), or -1 for none). None outside such a block.
+        self.mixed_row_ids: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int, dropout: float = 0.0,
-                    generator: torch.Generator | None = None, chunks: int = 1) -> "GiVALinear":
+                    generator: torch.Generator | None = None, chunks: int = 1,
+                    adapter_name: str = "default") -> "GiVALinear":
         """Wrap ``linear`` (an nn.Linear or Conv1D; frozen, not copied) in a GiVA layer of rank ``r``."""
         shape = linear_shape(linear)
         if shape is None:
             raise TypeError(f"expected an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
-        return cls(*shape, r, dropout=dropout, base=linear, generator=generator, chunks=chunks)
+        return cls(*shape, r, dropout=dropout, base=linear, generator=generator, chunks=chunks,
+                   adapter_name=adapter_name)
 
+    # ---- named adapters
+    def add_adapter(self, name: str, r: int, chunks: int = 1, dropout: float = 0.0,
+                    generator: torch.Generator | None = None) -> GiVAAdapter:
+        """Add a new adapter (random orthonormal bases, adding zero); the active one is unchanged."""
+        check_adapter_name(name)
+        if name in self.adapters:
+            raise ValueError(f"this layer already has an adapter named {name!r}")
+        w = self.base.weight
+        adapter = GiVAAdapter(self.in_features, self.out_features, r, chunks, dropout, generator,
+                              w.dtype, w.device)
+        self.adapters[name] = adapter
+        return adapter
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name``; deleting the active one leaves the layer with none active."""
+        if name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r} (this layer has {list(self.adapters)})")
+        if self.merged and name == self.active_adapter:
+            raise RuntimeError(f"adapter {name!r} is merged into the base weight; unmerge it first")
+        del self.adapters[name]
+        if name == self.active_adapter:
+            self.active_adapter = None
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make ``name`` the active adapter, or None to run the bare base layer."""
+        if name is not None and name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r} (this layer has {list(self.adapters)})")
+        if self.merged and name != self.active_adapter:
+            raise RuntimeError(f"adapter {self.active_adapter!r} is merged; unmerge before switching")
+        self.active_adapter = name
+
+    @property
+    def adapter(self) -> GiVAAdapter:
+        """The active adapter; RuntimeError if none is active."""
+        if self.active_adapter is None:
+            raise RuntimeError(f"no active adapter on this layer (it has {list(self.adapters)}); "
+                               "set_adapter(name) first")
+        return self.adapters[self.active_adapter]
+
+    A = property(lambda self: self.adapter.A, doc="The active adapter's A (r, in).")
+    B = property(lambda self: self.adapter.B, doc="The active adapter's B (out, r).")
+    lambda_s = property(lambda self: self.adapter.lambda_s, doc="The active adapter's lambda_s (r,).")
+    lambda_o = property(lambda self: self.adapter.lambda_o, doc="The active adapter's lambda_o (out,).")
+    r = property(lambda self: self.adapter.r, doc="The active adapter's rank.")
+    chunks = property(lambda self: self.adapter.chunks, doc="The active adapter's chunk count.")
+    dropout = property(lambda self: self.adapter.dropout, doc="The active adapter's input dropout.")
+
+    # ---- base weight
     @property
     def weight(self) -> torch.Tensor:
         """The base weight as the base layer stores it ((in, out) for a Conv1D)."""
@@ -115,14 +198,15 @@ class GiVALinear(nn.Module):
         """The base weight as (out, in): a transposed view for Conv1D, never a copy."""
         return self.base.weight.t() if self.fan_in_fan_out else self.base.weight
 
+    # ---- the active adapter
     def reset_vectors(self) -> None:
-        """lambda_s = 1, lambda_o = 0: the adapter adds exactly zero."""
+        """lambda_s = 1, lambda_o = 0: the active adapter adds exactly zero."""
         with torch.no_grad():
             self.lambda_s.fill_(1.0)
             self.lambda_o.zero_()
 
     def set_bases(self, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Replace the frozen bases (shapes (r, in) and (out, r)) and reset the vectors.
+        """Replace the active adapter's frozen bases (shapes (r, in) and (out, r)), reset its vectors.
 
         With chunks > 1, B must be block-diagonal (build it with ``block_bases``)."""
         if tuple(A.shape) != tuple(self.A.shape) or tuple(B.shape) != tuple(self.B.shape):
@@ -147,11 +231,12 @@ class GiVALinear(nn.Module):
         return reference.delta_weight(*f32).to(self.base.weight.dtype)
 
     def merge(self) -> None:
-        """Fold the adapter into base.weight; forward then runs the plain base layer."""
+        """Fold the active adapter into base.weight; forward then runs the plain base layer."""
         if self.merged:
             raise RuntimeError("layer is already merged")
+        delta = self.delta_weight()
         with torch.no_grad():
-            self.weight_out_in().add_(self.delta_weight())  # in place through the view
+            self.weight_out_in().add_(delta)  # in place through the view
         self.merged = True
 
     def unmerge(self) -> None:
@@ -163,16 +248,25 @@ class GiVALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.mixed_row_ids is not None:
+            if self.merged:
+                raise RuntimeError(f"adapter {self.active_adapter!r} is merged into this layer; "
+                                   "unmerge before running a mixed-adapter batch")
+            adapters = list(self.adapters.values())
+            return mixed_giva_linear(x, self.weight_out_in(), self.base.bias, [a.A for a in adapters],
+                                     [a.B for a in adapters], [a.lambda_s for a in adapters],
+                                     [a.lambda_o for a in adapters], self.mixed_row_ids)
+        if self.merged or self.active_adapter is None:
             return self.base(x)
-        return giva_linear(x, self.weight_out_in(), self.base.bias, self.A, self.B, self.lambda_s,
-                           self.lambda_o, self.dropout, self.training)
+        a = self.adapter
+        return giva_linear(x, self.weight_out_in(), self.base.bias, a.A, a.B, a.lambda_s,
+                           a.lambda_o, a.dropout, self.training)
 
     def extra_repr(self) -> str:
-        extra = (", fan_in_fan_out=True" if self.fan_in_fan_out else "") + \
-                (f", chunks={self.chunks}" if self.chunks > 1 else "")
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"bias={self.base.bias is not None}, dropout={self.dropout}, merged={self.merged}{extra}")
+        extra = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.base.bias is not None}, active_adapter={self.active_adapter!r}, "
+                f"merged={self.merged}{extra}")
 
 
 def check_rank(r: int, in_features: int, out_features: int, needed: int | None = None,

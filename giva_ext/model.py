@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import GiVAConfig
-from .layer import GiVALinear, check_rank, linear_shape
+from .layer import GiVALinear, check_adapter_name, check_rank, linear_shape
 
 # Leaf names of output heads that "all-linear" never adapts (besides get_output_embeddings()).
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
@@ -73,16 +73,57 @@ def find_targets(model: nn.Module, config: GiVAConfig) -> dict[str, nn.Module]:
     return chosen
 
 
-def giva_layers(model: nn.Module) -> dict[str, GiVALinear]:
-    """Every GiVALinear in the model, by qualified name."""
+def wrapped_layers(model: nn.Module) -> dict[str, GiVALinear]:
+    """Every GiVALinear in the model, by qualified name, whatever adapters it holds."""
     return {n: m for n, m in model.named_modules() if isinstance(m, GiVALinear)}
 
 
+def giva_layers(model: nn.Module, adapter: str | None = None) -> dict[str, GiVALinear]:
+    """The GiVALinear layers that run an adapter: with ``adapter=None`` those with an active one
+    (the layers training, saving, merging and init act on), else those holding ``adapter``."""
+    layers = wrapped_layers(model)
+    if adapter is None:
+        return {n: m for n, m in layers.items() if m.active_adapter is not None}
+    return {n: m for n, m in layers.items() if adapter in m.adapters}
+
+
 def get_config(model: nn.Module) -> GiVAConfig:
-    config = getattr(model, "giva_config", None)
-    if not isinstance(config, GiVAConfig):
+    """The config of the model's active adapter."""
+    configs = getattr(model, "giva_adapters", None)
+    if not configs:
         raise ValueError("model has no GiVA adapter; call apply_giva(model, config) first")
-    return config
+    active = model.giva_active_adapter
+    if active is None:
+        raise ValueError(f"the model's GiVA adapters {list(configs)} are disabled; "
+                         "set_adapter(model, name) first")
+    return configs[active]
+
+
+def register_adapter(model: nn.Module, name: str, config: GiVAConfig) -> None:
+    """Record ``config`` as adapter ``name``'s in the model's registry (insertion order = ids)."""
+    if not hasattr(model, "giva_adapters"):
+        model.giva_adapters = {}
+        model.giva_active_adapter = None
+    model.giva_adapters[name] = config
+    if model.giva_active_adapter == name:
+        model.giva_config = config
+
+
+def activate(model: nn.Module, name: str | None) -> None:
+    """Make ``name`` the active adapter of every layer holding it (the others run bare), with only
+    its vectors requiring grad; None disables them all. ``model.giva_config`` follows."""
+    layers = wrapped_layers(model)
+    merged = [n for n, layer in layers.items() if layer.merged]
+    if merged and name != getattr(model, "giva_active_adapter", name):
+        raise RuntimeError(f"GiVA layer {merged[0]!r} is merged; unmerge the model before switching adapters")
+    for layer in layers.values():
+        layer.set_adapter(name if name in layer.adapters else None)
+        for adapter_name, adapter in layer.adapters.items():
+            adapter.lambda_s.requires_grad_(adapter_name == name)
+            adapter.lambda_o.requires_grad_(adapter_name == name)
+    if hasattr(model, "giva_adapters"):
+        model.giva_active_adapter = name
+        model.giva_config = model.giva_adapters[name] if name is not None else None
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -112,17 +153,20 @@ def _check_targets(targets: dict[str, nn.Module], config: GiVAConfig) -> None:
                    config.rank_needed(), where=f"target {name!r} ({config.init_mode})")
 
 
-def apply_giva(model: nn.Module, config: GiVAConfig) -> nn.Module:
+def apply_giva(model: nn.Module, config: GiVAConfig, adapter_name: str = "default") -> nn.Module:
     """Wrap the target layers of ``model`` in GiVALinear (in place) and freeze all but the adapter.
 
     Trainable afterwards: every lambda_s / lambda_o and the parameters of config.modules_to_save.
     A target named in config.fused_chunks with n chunks gets rank n * config.r (config.r per chunk).
+    The adapter is named ``adapter_name`` and active (more: ``giva_ext.add_adapter``).
     Returns the model. Everything is validated before the model is touched.
     """
     if not isinstance(config, GiVAConfig):
         raise TypeError(f"config must be a GiVAConfig, got {type(config).__name__}")
-    if giva_layers(model):
-        raise ValueError("model already has GiVA layers; merge_and_unload it or use a fresh model")
+    check_adapter_name(adapter_name)
+    if wrapped_layers(model):
+        raise ValueError("model already has GiVA layers; add_adapter(model, name, config) adds another "
+                         "adapter, merge_and_unload removes them")
     targets = find_targets(model, config)
     _check_targets(targets, config)
     to_save = _modules_to_save(model, config)
@@ -132,13 +176,11 @@ def apply_giva(model: nn.Module, config: GiVAConfig) -> nn.Module:
     for name, linear in targets.items():
         chunks = chunks_for(name, config)
         _replace(model, name, GiVALinear.from_linear(linear, chunks * config.r, config.dropout,
-                                                     generator, chunks))
-    for layer in giva_layers(model).values():
-        layer.lambda_s.requires_grad_(True)
-        layer.lambda_o.requires_grad_(True)
+                                                     generator, chunks, adapter_name))
     for module in to_save.values():
         module.requires_grad_(True)
-    model.giva_config = config
+    register_adapter(model, adapter_name, config)
+    activate(model, adapter_name)
     return model
 
 
@@ -193,14 +235,16 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter and put the plain base layers back; returns the plain model."""
-    layers = giva_layers(model)
+    """Merge the active adapter, drop the others and put the plain base layers back; returns the
+    plain model."""
+    layers = wrapped_layers(model)
     if not layers:
         raise ValueError("model has no GiVA layers to merge")
     for name, layer in layers.items():
-        if not layer.merged:
+        if not layer.merged and layer.active_adapter is not None:
             layer.merge()
         _replace(model, name, layer.base)
-    if hasattr(model, "giva_config"):
-        del model.giva_config
+    for attr in ("giva_config", "giva_adapters", "giva_active_adapter"):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model

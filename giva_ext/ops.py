@@ -78,12 +78,19 @@ def _has_kernel(op: str, dev: str) -> bool:
 _HAS_KERNEL = {dev: _has_kernel("giva::linear_forward", dev) for dev in _DTYPES}
 _HAS_SKETCH = {dev: _has_kernel("giva::sketch_update", dev) for dev in _DTYPES}
 _HAS_RSVD = {dev: _has_kernel("giva::rsvd", dev) for dev in _DTYPES}
+_HAS_MIXED = {dev: _has_kernel("giva::mixed_linear", dev) for dev in _DTYPES}
 
 
 def supports(x: torch.Tensor) -> bool:
     """Whether the native fused op handles x: _C loaded, a kernel for x's device, x's dtype."""
     dev = x.device.type
     return _HAS_KERNEL.get(dev, False) and x.dtype in _DTYPES[dev]
+
+
+def supports_mixed(x: torch.Tensor) -> bool:
+    """Whether the native mixed-adapter op handles x: a kernel for its device and dtype."""
+    dev = x.device.type
+    return _HAS_MIXED.get(dev, False) and x.dtype in _DTYPES[dev]
 
 
 def supports_sketch(x: torch.Tensor, g: torch.Tensor) -> bool:
@@ -132,6 +139,11 @@ if HAS_NATIVE:
         return grad_x, None, None, None, None, grad_s, grad_o
 
     torch.library.register_autograd("giva::linear_forward", _backward, setup_context=_setup_context)
+
+if any(_HAS_MIXED.values()):
+    @torch.library.register_fake("giva::mixed_linear")
+    def _mixed_linear_fake(x, weight, bias, A, B, lambda_s, lambda_o, token_ids):
+        return x.new_empty(x.shape[0], weight.shape[0])
 
 if any(_HAS_SKETCH.values()):
     @torch.library.register_fake("giva::sketch_update")

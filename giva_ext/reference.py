@@ -41,6 +41,18 @@ def linear_backward(grad_y, s, weight, A, B, lambda_s, lambda_o, output_mask=(Tr
     return grad_x, grad_lambda_s, grad_lambda_o
 
 
+def mixed_linear(x, weight, bias, A, B, lambda_s, lambda_o, token_ids):
+    """y = x W^T + bias, plus on each row t the adapter token_ids[t] (-1: none) of the lists A, B,
+    lambda_s, lambda_o (one entry per adapter; ranks may differ). Each adapter runs on its rows."""
+    y = F.linear(x, weight, bias)
+    for i, adapter in enumerate(zip(A, B, lambda_s, lambda_o)):
+        rows = (token_ids == i).nonzero().squeeze(1)
+        if rows.numel():
+            y_rows, _ = linear_forward(x[rows], weight, bias, *adapter)
+            y = y.index_copy(0, rows, y_rows)
+    return y
+
+
 def delta_weight(A, B, lambda_s, lambda_o):
     """The adapter's weight update diag(lambda_o) B diag(lambda_s) A, shape (out, in)."""
     return (B * lambda_o[:, None]) @ (A * lambda_s[:, None])

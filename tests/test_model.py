@@ -53,7 +53,8 @@ def test_target_matching(spec, expected):
 def test_freezing_and_trainable_report():
     model = g.apply_giva(Net(), g.GiVAConfig(r=4, target_modules="all-linear", modules_to_save=["classifier"]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected = {f"blocks.{i}.{n}.lambda_{v}" for i in (0, 1) for n in ("query", "value", "out") for v in "so"}
+    expected = {f"blocks.{i}.{n}.adapters.default.lambda_{v}" for i in (0, 1)
+                for n in ("query", "value", "out") for v in "so"}
     expected |= {"classifier.weight", "classifier.bias"}
     assert trainable == expected
     report = g.trainable_parameters(model)

@@ -1,0 +1,142 @@
+// giva::mixed_linear (inference only): one batch whose rows use different adapters.
+//
+// The base GEMM runs once for the whole batch. Before it, y is filled row group by row group with
+// bias + s_i B_i''^T, where s_i = x_rows A_i'^T is adapter i's shrink on its own rows only, and
+// then the base GEMM accumulates onto y (beta = 1), as the single-adapter fold path does. Runs of
+// rows with one adapter (a sequence, or a batch sorted by adapter) work on views of x and y; short
+// runs are gathered per adapter and their result scattered back.
+//
+// Written against ATen only, so the CPU and CUDA registrations share it. The row grouping reads
+// token_ids on the host (one device-to-host copy of T int64 on CUDA).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "checks.h"
+
+namespace giva {
+
+inline void check_mixed_linear(const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, at::TensorList A,
+                               at::TensorList B, at::TensorList lambda_s, at::TensorList lambda_o,
+                               const at::Tensor& token_ids, at::DeviceType device,
+                               c10::ArrayRef<at::ScalarType> dtypes) {
+  const char* op = "giva::mixed_linear";
+  check_leading(op, "x", x, "(T, in)", 2, device, dtypes);
+  const int64_t T = x.size(0), in = x.size(1);
+  check_arg(op, "weight", weight, "(out, in)", {-1, in}, x, "x");
+  const int64_t out = weight.size(0);
+  if (bias.has_value() && bias->defined()) check_arg(op, "bias", *bias, "(out,)", {out}, x, "x");
+  const size_t n = A.size();
+  TORCH_CHECK(B.size() == n && lambda_s.size() == n && lambda_o.size() == n, op,
+              ": A, B, lambda_s and lambda_o must list one tensor per adapter, got ", n, ", ",
+              B.size(), ", ", lambda_s.size(), " and ", lambda_o.size());
+  for (size_t i = 0; i < n; ++i) {
+    const auto at_i = [&](const char* name) { return std::string(name) + "[" + std::to_string(i) + "]"; };
+    check_arg(op, at_i("A").c_str(), A[i], "(r, in)", {-1, in}, x, "x");
+    const int64_t r = A[i].size(0);
+    check_arg(op, at_i("B").c_str(), B[i], "(out, r)", {out, r}, x, "x");
+    check_arg(op, at_i("lambda_s").c_str(), lambda_s[i], "(r,)", {r}, x, "x");
+    check_arg(op, at_i("lambda_o").c_str(), lambda_o[i], "(out,)", {out}, x, "x");
+  }
+  TORCH_CHECK(token_ids.defined(), op, ": token_ids must be a tensor, got None");
+  TORCH_CHECK(token_ids.device() == x.device(), op, ": token_ids must be on device ", x.device(),
+              " (the device of x), got ", token_ids.device());
+  TORCH_CHECK(token_ids.scalar_type() == at::kLong, op, ": token_ids must have dtype int64, got ",
+              token_ids.scalar_type());
+  TORCH_CHECK(token_ids.dim() == 1 && token_ids.size(0) == T, op,
+              ": token_ids must have shape (T,) = (", T, ",), got ", shape_str(token_ids.sizes()));
+}
+
+// The rows of each group as runs [begin, end): group 0 holds the rows without an adapter (id -1),
+// group i + 1 those of adapter i. Checks every id.
+inline std::vector<std::vector<std::pair<int64_t, int64_t>>> group_rows(const at::Tensor& token_ids,
+                                                                         int64_t adapters) {
+  const auto ids = token_ids.to(at::kCPU).contiguous();
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> groups(adapters + 1);
+  for (int64_t t = 0, T = ids.numel(); t < T;) {
+    TORCH_CHECK(id[t] >= -1 && id[t] < adapters, "giva::mixed_linear: token_ids[", t, "] = ", id[t],
+                " is not in [-1, ", adapters, ") (", adapters, " adapters)");
+    int64_t end = t + 1;
+    while (end < T && id[end] == id[t]) ++end;
+    groups[id[t] + 1].emplace_back(t, end);
+    t = end;
+  }
+  return groups;
+}
+
+// parallel: run the groups on ATen's CPU thread pool (CPU only: a CUDA stream is per thread).
+inline at::Tensor mixed_linear_impl(const at::Tensor& x, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias_opt, at::TensorList A,
+                                    at::TensorList B, at::TensorList lambda_s,
+                                    at::TensorList lambda_o, const at::Tensor& token_ids,
+                                    bool parallel) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const bool has_bias = bias_opt.has_value() && bias_opt->defined();
+  const int64_t T = x.size(0), out = weight.size(0);
+  const auto groups = group_rows(token_ids, static_cast<int64_t>(A.size()));
+  const auto xc = x.contiguous();
+  auto y = at::empty({T, out}, x.options());
+
+  // y_rows = bias (no adapter: A_s undefined) or bias + (x_rows A_s^T) B_o^T.
+  const auto fill_rows = [&](const at::Tensor& A_s, const at::Tensor& B_o, const at::Tensor& x_rows,
+                             at::Tensor y_rows) {
+    if (!A_s.defined()) {
+      if (has_bias) y_rows.copy_(bias_opt->unsqueeze(0).expand_as(y_rows));
+      else y_rows.zero_();
+      return;
+    }
+    const auto s = at::mm(x_rows, A_s.t());
+    if (has_bias) at::addmm_out(y_rows, *bias_opt, s, B_o.t());
+    else at::mm_out(y_rows, s, B_o.t());
+  };
+  // A run of at least kViewRows rows works on views of x and y; shorter runs (single tokens while
+  // decoding, say) are gathered so that their GEMMs are not a handful of rows each.
+  constexpr int64_t kViewRows = 16;
+  const auto fill = [&](int64_t g) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd_here;  // thread-local: each worker sets it
+    // Group g > 0 is adapter g - 1; its vectors fold into its bases (DESIGN.md §2), in fp32 for
+    // half types.
+    at::Tensor A_s, B_o;
+    if (g > 0) {
+      const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      A_s = (A[g - 1].to(acc) * lambda_s[g - 1].to(acc).unsqueeze(1)).to(x.scalar_type());
+      B_o = (B[g - 1].to(acc) * lambda_o[g - 1].to(acc).unsqueeze(1)).to(x.scalar_type());
+    }
+    std::vector<int64_t> gathered;
+    for (const auto& [begin, end] : groups[g]) {
+      if (end - begin >= kViewRows) {
+        fill_rows(A_s, B_o, xc.narrow(0, begin, end - begin), y.narrow(0, begin, end - begin));
+      } else {
+        for (int64_t t = begin; t < end; ++t) gathered.push_back(t);
+      }
+    }
+    if (gathered.empty()) return;
+    const auto rows = at::tensor(gathered, at::kLong).to(x.device());
+    auto y_rows = at::empty({rows.size(0), out}, y.options());
+    fill_rows(A_s, B_o, xc.index_select(0, rows), y_rows);
+    y.index_copy_(0, rows, y_rows);
+  };
+  std::vector<int64_t> busy;
+  for (size_t g = 0; g < groups.size(); ++g)
+    if (!groups[g].empty()) busy.push_back(static_cast<int64_t>(g));
+  if (parallel) {
+    // One group runs inline with every thread for its GEMMs; several share the pool.
+    at::parallel_for(0, static_cast<int64_t>(busy.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) fill(busy[k]);
+    });
+  } else {
+    for (const auto g : busy) fill(g);
+  }
+  y.addmm_(xc, weight.t());
+  return y;
+}
+
+}  // namespace giva

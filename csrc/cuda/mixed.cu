@@ -1,0 +1,28 @@
+// CUDA registration of giva::mixed_linear: the ATen implementation of csrc/cpu/mixed.h, run on the
+// caller's stream (groups in sequence; the GEMMs go to cuBLAS).
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <array>
+
+#include "../cpu/mixed.h"
+
+namespace giva {
+namespace {
+
+constexpr std::array<at::ScalarType, 3> kDtypes = {at::kFloat, at::kHalf, at::kBFloat16};
+
+at::Tensor mixed_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, at::TensorList A,
+                             at::TensorList B, at::TensorList lambda_s, at::TensorList lambda_o,
+                             const at::Tensor& token_ids) {
+  check_mixed_linear(x, weight, bias, A, B, lambda_s, lambda_o, token_ids, at::kCUDA, kDtypes);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  return mixed_linear_impl(x, weight, bias, A, B, lambda_s, lambda_o, token_ids, /*parallel=*/false);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(giva, CUDA, m) { m.impl("mixed_linear", &mixed_linear_cuda); }
+
+}  // namespace giva
