@@ -14,8 +14,8 @@ at::Tensor mixed_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, at::TensorList A,
                             at::TensorList B, at::TensorList lambda_s, at::TensorList lambda_o,
                             const at::Tensor& token_ids) {
-  check_mixed_linear(x, weight, bias, A, B, lambda_s, lambda_o, token_ids, at::kCPU, kDtypes);
-  return mixed_linear_impl(x, weight, bias, A, B, lambda_s, lambda_o, token_ids, /*parallel=*/true);
+  return mixed_linear_impl(x, weight, bias, A, B, lambda_s, lambda_o, token_ids, at::kCPU, kDtypes,
+                           /*parallel=*/true);
 }
 
 }  // namespace

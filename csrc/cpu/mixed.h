@@ -72,12 +72,15 @@ inline std::vector<std::vector<std::pair<int64_t, int64_t>>> group_rows(const at
   return groups;
 }
 
-// parallel: run the groups on ATen's CPU thread pool (CPU only: a CUDA stream is per thread).
+// The kernel of one device type, after checking the arguments for it. parallel: run the groups on
+// ATen's CPU thread pool (CPU only: a CUDA stream is per thread).
 inline at::Tensor mixed_linear_impl(const at::Tensor& x, const at::Tensor& weight,
                                     const std::optional<at::Tensor>& bias_opt, at::TensorList A,
                                     at::TensorList B, at::TensorList lambda_s,
                                     at::TensorList lambda_o, const at::Tensor& token_ids,
+                                    at::DeviceType device, c10::ArrayRef<at::ScalarType> dtypes,
                                     bool parallel) {
+  check_mixed_linear(x, weight, bias_opt, A, B, lambda_s, lambda_o, token_ids, device, dtypes);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
   const int64_t T = x.size(0), out = weight.size(0);

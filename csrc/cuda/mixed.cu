@@ -1,5 +1,5 @@
-// CUDA registration of giva::mixed_linear: the ATen implementation of csrc/cpu/mixed.h, run on the
-// caller's stream (groups in sequence; the GEMMs go to cuBLAS).
+// CUDA registration of giva::mixed_linear: the ATen implementation of csrc/cpu/mixed.h on the
+// caller's stream (groups in sequence, GEMMs on cuBLAS; token_ids are read on the host once).
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -16,9 +16,11 @@ at::Tensor mixed_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, at::TensorList A,
                              at::TensorList B, at::TensorList lambda_s, at::TensorList lambda_o,
                              const at::Tensor& token_ids) {
-  check_mixed_linear(x, weight, bias, A, B, lambda_s, lambda_o, token_ids, at::kCUDA, kDtypes);
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  return mixed_linear_impl(x, weight, bias, A, B, lambda_s, lambda_o, token_ids, /*parallel=*/false);
+  // x off the GPU is reported by the argument check, not by the guard.
+  const c10::cuda::OptionalCUDAGuard device_guard(
+      x.is_cuda() ? std::optional<c10::Device>(x.device()) : std::nullopt);
+  return mixed_linear_impl(x, weight, bias, A, B, lambda_s, lambda_o, token_ids, at::kCUDA, kDtypes,
+                           /*parallel=*/false);
 }
 
 }  // namespace
