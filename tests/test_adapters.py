@@ -274,8 +274,11 @@ needs_native = pytest.mark.skipif(not ops.HAS_NATIVE, reason=f"native ops not bu
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("T", [0, 1, 37, 300])
-def test_mixed_op_against_reference(dtype, tol, bias, T):
+@pytest.mark.parametrize("order", ["scattered", "sorted"])  # short runs (per-row kernel), long runs (views)
+def test_mixed_op_against_reference(dtype, tol, bias, T, order):
     args = op_args(T, 24, 20, [1, 5, 8], dtype, bias)
+    if order == "sorted":
+        args = (*args[:-1], args[-1].sort().values)
     expected = reference.mixed_linear(*[_to64(a) for a in args])
     got = torch.ops.giva.mixed_linear(*args)
     assert got.dtype == dtype and got.shape == (T, 20)

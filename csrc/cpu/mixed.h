@@ -3,8 +3,9 @@
 // The base GEMM runs once for the whole batch. Before it, y is filled row group by row group with
 // bias + s_i B_i''^T, where s_i = x_rows A_i'^T is adapter i's shrink on its own rows only, and
 // then the base GEMM accumulates onto y (beta = 1), as the single-adapter fold path does. Runs of
-// rows with one adapter (a sequence, or a batch sorted by adapter) work on views of x and y; short
-// runs are gathered per adapter and their result scattered back.
+// rows with one adapter (a sequence, or a batch sorted by adapter) work on views of x and y; rows
+// in short runs (decoding: one token per sequence) are handled per row by the device's
+// short-row kernel.
 //
 // Written against ATen only, so the CPU and CUDA registrations share it. The row grouping reads
 // token_ids on the host (one device-to-host copy of T int64 on CUDA).
@@ -15,6 +16,7 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -72,14 +74,43 @@ inline std::vector<std::vector<std::pair<int64_t, int64_t>>> group_rows(const at
   return groups;
 }
 
+// The vectors fold into the bases (DESIGN.md §2), in fp32 for half types:
+// A_s = diag(lambda_s) A and B_o = diag(lambda_o) B, in x's dtype.
+inline std::pair<at::Tensor, at::Tensor> folded_bases(const at::Tensor& A, const at::Tensor& B,
+                                                      const at::Tensor& lambda_s,
+                                                      const at::Tensor& lambda_o) {
+  const auto dtype = A.scalar_type();
+  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  return {(A.to(acc) * lambda_s.to(acc).unsqueeze(1)).to(dtype),
+          (B.to(acc) * lambda_o.to(acc).unsqueeze(1)).to(dtype)};
+}
+
+// Rows in short runs through a GEMM call per run would pay a call per run: the default gathers an
+// adapter's short-run rows, runs its shrink and expand on them, and scatters the result back.
+// A device may pass its own kernel with this signature (one adapter: A, B, lambda_s, lambda_o).
+struct GatherRows {
+  void operator()(const at::Tensor& xc, at::Tensor& y, const std::vector<int64_t>& rows,
+                  const at::Tensor& A, const at::Tensor& B, const at::Tensor& lambda_s,
+                  const at::Tensor& lambda_o, const std::optional<at::Tensor>& bias) const {
+    const auto [A_s, B_o] = folded_bases(A, B, lambda_s, lambda_o);
+    const auto index = at::tensor(rows, at::kLong).to(xc.device());
+    const auto s = at::mm(xc.index_select(0, index), A_s.t());
+    const auto y_rows = bias.has_value() && bias->defined() ? at::addmm(*bias, s, B_o.t())
+                                                            : at::mm(s, B_o.t());
+    y.index_copy_(0, index, y_rows);
+  }
+};
+
 // The kernel of one device type, after checking the arguments for it. parallel: run the groups on
-// ATen's CPU thread pool (CPU only: a CUDA stream is per thread).
-inline at::Tensor mixed_linear_impl(const at::Tensor& x, const at::Tensor& weight,
-                                    const std::optional<at::Tensor>& bias_opt, at::TensorList A,
-                                    at::TensorList B, at::TensorList lambda_s,
-                                    at::TensorList lambda_o, const at::Tensor& token_ids,
-                                    at::DeviceType device, c10::ArrayRef<at::ScalarType> dtypes,
-                                    bool parallel) {
+// ATen's CPU thread pool (CPU only: a CUDA stream is per thread). short_rows: how rows outside
+// long runs get their adapter term (GatherRows, or a device's own per-row kernel).
+template <typename ShortRows>
+at::Tensor mixed_linear_impl(const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias_opt, at::TensorList A,
+                             at::TensorList B, at::TensorList lambda_s, at::TensorList lambda_o,
+                             const at::Tensor& token_ids, at::DeviceType device,
+                             c10::ArrayRef<at::ScalarType> dtypes, bool parallel,
+                             const ShortRows& short_rows) {
   check_mixed_linear(x, weight, bias_opt, A, B, lambda_s, lambda_o, token_ids, device, dtypes);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const bool has_bias = bias_opt.has_value() && bias_opt->defined();
@@ -88,44 +119,35 @@ inline at::Tensor mixed_linear_impl(const at::Tensor& x, const at::Tensor& weigh
   const auto xc = x.contiguous();
   auto y = at::empty({T, out}, x.options());
 
-  // y_rows = bias (no adapter: A_s undefined) or bias + (x_rows A_s^T) B_o^T.
-  const auto fill_rows = [&](const at::Tensor& A_s, const at::Tensor& B_o, const at::Tensor& x_rows,
-                             at::Tensor y_rows) {
-    if (!A_s.defined()) {
-      if (has_bias) y_rows.copy_(bias_opt->unsqueeze(0).expand_as(y_rows));
-      else y_rows.zero_();
-      return;
-    }
-    const auto s = at::mm(x_rows, A_s.t());
-    if (has_bias) at::addmm_out(y_rows, *bias_opt, s, B_o.t());
-    else at::mm_out(y_rows, s, B_o.t());
-  };
-  // A run of at least kViewRows rows works on views of x and y; shorter runs (single tokens while
-  // decoding, say) are gathered so that their GEMMs are not a handful of rows each.
+  // Rows without an adapter (group 0) get the bias; a run of adapter rows at least kViewRows long
+  // works on views of x and y; the shorter ones go to short_rows.
   constexpr int64_t kViewRows = 16;
   const auto fill = [&](int64_t g) {
     at::AutoDispatchBelowADInplaceOrView below_autograd_here;  // thread-local: each worker sets it
-    // Group g > 0 is adapter g - 1; its vectors fold into its bases (DESIGN.md §2), in fp32 for
-    // half types.
-    at::Tensor A_s, B_o;
-    if (g > 0) {
-      const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-      A_s = (A[g - 1].to(acc) * lambda_s[g - 1].to(acc).unsqueeze(1)).to(x.scalar_type());
-      B_o = (B[g - 1].to(acc) * lambda_o[g - 1].to(acc).unsqueeze(1)).to(x.scalar_type());
-    }
-    std::vector<int64_t> gathered;
-    for (const auto& [begin, end] : groups[g]) {
-      if (end - begin >= kViewRows) {
-        fill_rows(A_s, B_o, xc.narrow(0, begin, end - begin), y.narrow(0, begin, end - begin));
-      } else {
-        for (int64_t t = begin; t < end; ++t) gathered.push_back(t);
+    if (g == 0) {
+      for (const auto& [begin, end] : groups[0]) {
+        auto y_rows = y.narrow(0, begin, end - begin);
+        if (has_bias) y_rows.copy_(bias_opt->unsqueeze(0).expand_as(y_rows));
+        else y_rows.zero_();
       }
+      return;
     }
-    if (gathered.empty()) return;
-    const auto rows = at::tensor(gathered, at::kLong).to(x.device());
-    auto y_rows = at::empty({rows.size(0), out}, y.options());
-    fill_rows(A_s, B_o, xc.index_select(0, rows), y_rows);
-    y.index_copy_(0, rows, y_rows);
+    const auto i = g - 1;  // the adapter
+    at::Tensor A_s, B_o;    // folded on the first long run
+    std::vector<int64_t> short_run_rows;
+    for (const auto& [begin, end] : groups[g]) {
+      if (end - begin < kViewRows) {
+        for (int64_t t = begin; t < end; ++t) short_run_rows.push_back(t);
+        continue;
+      }
+      if (!A_s.defined()) std::tie(A_s, B_o) = folded_bases(A[i], B[i], lambda_s[i], lambda_o[i]);
+      const auto s = at::mm(xc.narrow(0, begin, end - begin), A_s.t());
+      auto y_rows = y.narrow(0, begin, end - begin);
+      if (has_bias) at::addmm_out(y_rows, *bias_opt, s, B_o.t());
+      else at::mm_out(y_rows, s, B_o.t());
+    }
+    if (!short_run_rows.empty())
+      short_rows(xc, y, short_run_rows, A[i], B[i], lambda_s[i], lambda_o[i], bias_opt);
   };
   std::vector<int64_t> busy;
   for (size_t g = 0; g < groups.size(); ++g)

@@ -1,5 +1,6 @@
 // CUDA registration of giva::mixed_linear: the ATen implementation of csrc/cpu/mixed.h on the
-// caller's stream (groups in sequence, GEMMs on cuBLAS; token_ids are read on the host once).
+// caller's stream (groups in sequence, GEMMs on cuBLAS, rows of short runs gathered per adapter;
+// token_ids are read on the host once).
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -20,7 +21,7 @@ at::Tensor mixed_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   const c10::cuda::OptionalCUDAGuard device_guard(
       x.is_cuda() ? std::optional<c10::Device>(x.device()) : std::nullopt);
   return mixed_linear_impl(x, weight, bias, A, B, lambda_s, lambda_o, token_ids, at::kCUDA, kDtypes,
-                           /*parallel=*/false);
+                           /*parallel=*/false, GatherRows{});
 }
 
 }  // namespace
