@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 
 INIT_MODES = ("VrU2r", "VrUr", "Vr", "random")
@@ -56,6 +57,11 @@ class GiVAConfig:
             raise ValueError("GiVAConfig.target_modules must be a list of names, a regex or "
                              f"'all-linear', got {self.target_modules!r}")
         self.modules_to_save = list(self.modules_to_save or [])
+        if not all(isinstance(m, str) and m for m in self.modules_to_save):
+            raise ValueError("GiVAConfig.modules_to_save must be a list of module names, got "
+                             f"{self.modules_to_save!r}")
+        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
+            raise ValueError(f"GiVAConfig.seed must be an int, got {self.seed!r}")
         chunks = dict(self.fused_chunks or {})
         if not all(isinstance(k, str) and k and isinstance(n, int) and not isinstance(n, bool) and n > 0
                    for k, n in chunks.items()):

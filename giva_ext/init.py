@@ -10,7 +10,6 @@ all_reduce sums the sketches. A cache file lets an interrupted or repeated init 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import warnings
@@ -21,24 +20,25 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 from tqdm.auto import tqdm
 
 from .layer import GiVALinear, block_bases, random_orthonormal
 from .model import check_unmerged, get_config, giva_layers
 from .rsvd import GradientSketch, randomized_svd
-from .serialization import _atomic_write, weight_fingerprint
+from .serialization import _atomic_write, check_fingerprint_schema, pack, unpack, weight_fingerprint
 
 logger = logging.getLogger(__name__)
 
-# A singular value below this fraction of the largest one counts as "no information".
+# A singular value below this fraction of the largest one counts as "no information"; for a layer
+# whose dtype is coarser (bf16, fp16), below that dtype's eps (round-off of the gradient's entries).
 RANK_DEFICIENT_RTOL = 1e-6
 SVD_METHODS = ("sketch", "dense")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: with the checksum record of serialization.pack
 CACHE_KEY = "giva_init_cache"
+# The progress record of a cache and the type of each field.
+PROGRESS_TYPES = {"pass": int, "batches": int, "losses": list, "total": (int, type(None)), "zero": list,
+                  "complete": bool}
 # A later pass must see the batches of pass 1 again: their losses must agree to this tolerance.
 PASS_LOSS_RTOL = 1e-4
 
@@ -194,19 +194,22 @@ class _Cache:
     def load(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
         if not self.path.exists():
             return None
-        data = self.path.read_bytes()
         try:
-            tensors = load_safetensors_bytes(data)
-            header_size = int.from_bytes(data[:8], "little")
-            metadata = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
-            header = json.loads(metadata[CACHE_KEY])
+            _, header, tensors, verified = unpack(self.path.read_bytes(), CACHE_KEY)
+            if header.get("format") != CACHE_FORMAT:
+                raise ValueError(f"it has format {header.get('format')!r}, this version reads "
+                                 f"{CACHE_FORMAT}")
+            if not verified:
+                raise ValueError("its checksum record is missing")
             progress, settings, fingerprint = header["progress"], header["settings"], header["fingerprint"]
-        except (SafetensorError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"init cache {self.path} is not a readable giva_ext init cache ({exc}); "
+            check_fingerprint_schema(fingerprint)
+            wrong = [k for k, kind in PROGRESS_TYPES.items() if not isinstance(progress.get(k), kind)]
+            if wrong or not isinstance(settings, dict):
+                raise ValueError(f"its header has a wrong schema (progress fields {wrong}, settings "
+                                 f"{type(settings).__name__})")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"init cache {self.path} is not a usable giva_ext init cache ({exc}); "
                              "delete it or pass another cache path") from exc
-        if header.get("format") != CACHE_FORMAT:
-            raise ValueError(f"init cache {self.path} has format {header.get('format')!r}, "
-                             f"this version reads {CACHE_FORMAT}")
         for key, now in self.settings.items():
             saved = settings.get(key)
             if saved != now:
@@ -231,8 +234,7 @@ class _Cache:
                    for u in units for key, t in u.acc.state().items()}
         header = {"library": "giva_ext", "format": CACHE_FORMAT, "settings": self.settings,
                   "fingerprint": self.fingerprint, "progress": progress}
-        data = save_safetensors_bytes(tensors, metadata={CACHE_KEY: json.dumps(header)})
-        _atomic_write(self.path, data)
+        _atomic_write(self.path, pack(tensors, CACHE_KEY, header)[0])
 
 
 def _restore(path: Path, units: list[_Unit], progress: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -254,6 +256,18 @@ def _batch_loss(model, batch, loss_fn, index: int):
         raise ValueError(f"the loss of batch {index} has no grad: it does not depend on any "
                          "GiVA target layer (or was computed under torch.no_grad)")
     return loss
+
+
+def _check_finite_forward(records, loss: torch.Tensor, index: int) -> None:
+    """FloatingPointError naming the first layer (in forward order) whose input holds NaN or Inf,
+    else saying the loss does."""
+    for name, x, _ in records:
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"non-finite input to layer {name!r} (batch {index}): NaN or Inf "
+                                     "comes from the batch or a module before this layer")
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the loss of batch {index} is {loss.item()} (every layer's input is "
+                                 "finite: the model's head or the loss function produced it)")
 
 
 def _run_pass(model, layers, units, batches, count: int, loss_fn, pass_index: int, passes: int,
@@ -289,8 +303,13 @@ def _run_pass(model, layers, units, batches, count: int, loss_fn, pass_index: in
             records.clear()
             with torch.enable_grad():
                 loss = _batch_loss(model, batch, loss_fn, seen)
-                outputs = [out for _, _, out in records]
-                dys = torch.autograd.grad(loss, outputs, allow_unused=True)
+                _check_finite_forward(records, loss, seen)
+                dys = torch.autograd.grad(loss, [out for _, _, out in records], allow_unused=True)
+            # In backward order, so the error names the layer where a NaN or Inf first appears.
+            for (name, _, _), dy in reversed(list(zip(records, dys))):
+                if dy is not None and not torch.isfinite(dy).all():
+                    raise FloatingPointError(f"non-finite gradient at the output of layer {name!r} (batch "
+                                             f"{seen}; the loss and every layer's input are finite)")
             value = loss.item()
             if pass_index == 0:
                 losses.append(value)
@@ -306,15 +325,15 @@ def _run_pass(model, layers, units, batches, count: int, loss_fn, pass_index: in
                     continue
                 x2 = x.reshape(-1, x.shape[-1])
                 dy2 = dy.reshape(-1, dy.shape[-1])
-                if not torch.isfinite(dy2).all():
-                    raise FloatingPointError(f"non-finite gradient at the output of layer {name!r} "
-                                             f"(batch {seen})")
-                if not torch.isfinite(x2).all():
-                    raise FloatingPointError(f"non-finite input to layer {name!r} (batch {seen})")
                 for u in by_layer[name]:
                     if u.name not in test_matrices:  # drawn once per batch, even for shared layers
                         test_matrices[u.name] = u.acc.test_matrices()
                     u.acc.update(x2, dy2[:, u.rows], test_matrices[u.name])
+            for u in units:
+                sums = u.acc.sums()
+                if pass_index < u.acc.passes and not all(torch.isfinite(t).all() for t in sums):
+                    raise FloatingPointError(f"the gradient sum of layer {u.name!r} overflowed "
+                                             f"{sums[0].dtype} at batch {seen}; scale the loss down")
             records.clear()
             progress_state["batches"] = seen
             if cache is not None and seen % cache_every == 0:
@@ -347,15 +366,20 @@ def _random_unit_bases(unit: _Unit, n_in: int, generator: torch.Generator):
     return random_orthonormal(unit.r, n_in, generator), random_orthonormal(out, unit.r, generator), None
 
 
-def _unit_bases(unit: _Unit, u, s, v, mode: str, generator: torch.Generator):
-    """A (r, in) and B (out, r) from G ~ U S V^T as the init mode says; warns if rank-deficient."""
+def _unit_bases(unit: _Unit, u, s, v, mode: str, generator: torch.Generator, dtype: torch.dtype):
+    """A (r, in) and B (out, r) from G ~ U S V^T as the init mode says; warns if rank-deficient.
+
+    U and V are orthonormal even where S is zero (the SVD completes them), so the directions past
+    the gradient's rank are an orthonormal completion, orthogonal to the informative ones."""
     r, needed = unit.r, unit.needed
     s_used = s[:needed]
-    informative = int((s_used > s_used[0] * RANK_DEFICIENT_RTOL).sum())
+    rtol = max(RANK_DEFICIENT_RTOL, torch.finfo(dtype).eps)
+    informative = int((s_used > s_used[0] * rtol).sum())
     if informative < needed:
         warnings.warn(f"giva init: layer {unit.name!r} has a gradient with only {informative} "
-                      f"informative directions but {mode} uses {needed}; the rest of its basis is an "
-                      "arbitrary orthonormal completion", RuntimeWarning, stacklevel=3)
+                      f"informative directions (singular values above {rtol:.3g} of the largest) but "
+                      f"{mode} uses {needed}; the rest of its basis is an arbitrary orthonormal "
+                      "completion, orthogonal to them", RuntimeWarning, stacklevel=3)
     A = v[:, :r].t()
     if mode == "VrU2r":
         B = u[:, r:2 * r]
@@ -406,7 +430,11 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
     batches). A cache made for another model or other settings is refused.
 
     A layer whose gradient is exactly zero (not reached by the loss) is an error unless
-    ``on_zero_grad="random"``, which gives it random orthonormal bases with a warning. Nothing in
+    ``on_zero_grad="random"``, which gives it random orthonormal bases with a warning. NaN or Inf in
+    a layer's input, the loss or a layer's output gradient, and a gradient sum that overflows its
+    accumulator, are FloatingPointErrors naming the layer (the first where it appears) and batch. A
+    gradient with fewer informative directions than the mode uses warns and gets an orthonormal
+    completion. Nothing in
     the model changes unless every layer succeeds. Returns {layer name: the singular values of the
     mean gradient used (2r for VrU2r, else r)}; a fused layer (chunks > 1) maps to a
     (chunks, ...) tensor. A per-layer summary (rank used, spectrum decay) is logged at INFO level.
@@ -498,7 +526,8 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
             s = s / state["total"]  # singular values of the mean gradient
             if rank == 0:
                 logger.info("giva init: %s", _summary(u, s))
-            results[u.name] = _unit_bases(u, left, s, right, mode, generator)
+            results[u.name] = _unit_bases(u, left, s, right, mode, generator,
+                                          layers[u.layer].base.weight.dtype)
     spectra = {}
     for name, layer in layers.items():
         parts = [results[u.name] for u in units if u.layer == name]

@@ -1,8 +1,15 @@
 """save_adapter / load_adapter: adapter_model.safetensors + adapter_config.json, written atomically.
 
-The safetensors file is self-contained: its metadata holds the same JSON as adapter_config.json
-(config, library version, base-model fingerprint), so a save interrupted between the two files can
-never pair new tensors with an old config. The JSON file is for people and tools that read it.
+The safetensors file is the source of truth and self-contained. Its metadata holds the header JSON:
+config, library version, file format, base-model fingerprint, and a checksum record (the SHA-256 of
+the rest of the header and of every tensor). So a save interrupted between the two files can never
+pair new tensors with an old config, and a damaged byte anywhere in the file is found before the
+model changes. adapter_config.json holds the same JSON for people and tools; load_adapter only compares it
+with the header and warns if they differ (e.g. after a save interrupted between the two files).
+
+Loading is all-or-nothing: the file is read and checked in full first, then the model changes under
+a guard that puts back its modules, attributes, requires_grad flags and every tensor it overwrote if
+anything fails (an exception or a KeyboardInterrupt).
 """
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,23 +30,106 @@ from torch import nn
 from .config import GiVAConfig
 from .layer import GiVALinear, linear_shape
 from .model import (_modules_to_save, apply_giva, check_unmerged, chunks_for, find_targets, get_config,
-                    giva_layers)
+                    giva_layers, register_adapter)
 from .version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
-FORMAT_VERSION = 1
+# Format 2 added the checksum record; format 1 files (no checksums) still load, unverified.
+FORMAT_VERSION = 2
+READ_FORMATS = (1, 2)
 METADATA_KEY = "giva_adapter"
+CHECKSUM_FIELD = "sha256"  # the header's checksum record (format 2)
 # Tensor names: "<layer>.<field>" for adapter tensors, "modules_to_save.<module>.<key>" for heads.
 ADAPTER_FIELDS = ("A", "B", "lambda_s", "lambda_o")
 SAVED_PREFIX = "modules_to_save."
+FINGERPRINT_KEYS = {"name": str, "shape": list, "dtype": str, "sha256": str}
+
+
+def _tensor_bytes(t: torch.Tensor):
+    """A tensor's bytes in row-major order (a numpy uint8 array; any dtype, any shape)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes."""
+    h = hashlib.sha256(f"{t.dtype}{list(t.shape)}".encode())
+    h.update(_tensor_bytes(t))
+    return h.hexdigest()
 
 
 def weight_fingerprint(name: str, weight: torch.Tensor) -> dict:
     """Name, shape, dtype and the SHA-256 of a base weight's bytes."""
-    data = weight.detach().contiguous().cpu().view(torch.uint8).numpy()
     return {"name": name, "shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."),
-            "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
+            "sha256": hashlib.sha256(_tensor_bytes(weight)).hexdigest()}
+
+
+def check_fingerprint_schema(fingerprint) -> None:
+    """ValueError unless ``fingerprint`` is a list of weight_fingerprint entries."""
+    if not isinstance(fingerprint, list) or not all(
+            isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in FINGERPRINT_KEYS.items())
+            for e in fingerprint):
+        raise ValueError(f"the fingerprint must be a list of {{{', '.join(FINGERPRINT_KEYS)}}}")
+
+
+def _json_digest(value) -> str:
+    """SHA-256 of a JSON value in canonical form (sorted keys, no spaces): the same for any text
+    that parses to it, so it checks the header's content whatever its layout."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def pack(tensors: dict[str, torch.Tensor], key: str, header: dict) -> tuple[bytes, str]:
+    """(safetensors bytes, header text): ``tensors`` with the header JSON as metadata ``key``. The
+    header gets a checksum record, field "sha256": the SHA-256 of the rest of the header and of
+    every tensor. One metadata entry, so the bytes are the same for the same adapter."""
+    sums = {"header": _json_digest(header),
+            "tensors": {name: _tensor_digest(t) for name, t in tensors.items()}}
+    text = json.dumps({**header, CHECKSUM_FIELD: sums}, indent=2)
+    return save_safetensors_bytes(tensors, metadata={key: text}), text
+
+
+def unpack(data: bytes, key: str) -> tuple[str, dict, dict[str, torch.Tensor], bool]:
+    """(header text, header without its checksum record, tensors, verified) from pack's bytes:
+    ``verified`` says whether a checksum record was there (and matched). ValueError saying what is
+    wrong, for the caller to prefix with the file."""
+    try:
+        tensors = load_safetensors_bytes(data)  # checks the layout of the whole file
+        header_size = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
+    except (SafetensorError, ValueError) as exc:
+        raise ValueError(f"not a readable safetensors file (truncated or damaged?): {exc}") from exc
+    if key not in metadata:
+        raise ValueError(f"not a giva_ext file (no '{key}' metadata)")
+    text = metadata[key]
+    try:
+        header = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"its header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
+    if CHECKSUM_FIELD not in header:
+        return text, header, tensors, False
+    sums = header.pop(CHECKSUM_FIELD)
+    try:
+        header_sum, tensor_sums = sums["header"], dict(sums["tensors"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"its checksum record is damaged ({type(exc).__name__}: {exc})") from exc
+    if _json_digest(header) != header_sum:
+        raise ValueError("its header is damaged (SHA-256 mismatch)")
+    if set(tensor_sums) != set(tensors):
+        raise ValueError(f"its tensor names are damaged: {sorted(set(tensors) ^ set(tensor_sums))[:3]} "
+                         "are not in both the file and its checksum record")
+    for name, t in tensors.items():
+        if _tensor_digest(t) != tensor_sums[name]:
+            raise ValueError(f"tensor {name!r} is damaged (SHA-256 mismatch)")
+    return text, header, tensors, True
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor]) -> None:
+    """ValueError naming the first floating tensor holding NaN or Inf."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"tensor {name!r} holds NaN or Inf")
 
 
 def _base_weight(module: nn.Module) -> torch.Tensor:
@@ -45,7 +137,8 @@ def _base_weight(module: nn.Module) -> torch.Tensor:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``: a reader (or
+    a process killed at any point) sees the old file or the new one, never a part."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -64,7 +157,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Save the adapter (bases, vectors, modules_to_save) of ``model`` into folder ``path``."""
+    """Save the adapter (bases, vectors, modules_to_save) of ``model`` into folder ``path``.
+
+    Refuses (ValueError naming the tensor, before writing anything) a tensor holding NaN or Inf,
+    e.g. after a diverged step, so a previous good adapter in ``path`` is never overwritten by it.
+    """
     config = get_config(model)
     layers = giva_layers(model)
     check_unmerged(layers, "saving (the fingerprint must describe the pretrained weights)")
@@ -75,50 +172,80 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     for mname, module in _modules_to_save(model, config).items():
         for key, value in module.state_dict().items():
             tensors[f"{SAVED_PREFIX}{mname}.{key}"] = value.detach().cpu().contiguous().clone()
+    try:
+        check_finite_tensors(tensors)
+    except ValueError as exc:
+        raise ValueError(f"save_adapter: {exc}; nothing was written to {path}") from exc
     header = {"library": "giva_ext", "version": __version__, "format": FORMAT_VERSION,
               "config": config.to_dict(),
               "fingerprint": [weight_fingerprint(n, layer.base.weight) for n, layer in layers.items()]}
-    text = json.dumps(header, indent=2)
+    data, text = pack(tensors, METADATA_KEY, header)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / WEIGHTS_NAME, save_safetensors_bytes(tensors, metadata={METADATA_KEY: text}))
+    _atomic_write(folder / WEIGHTS_NAME, data)
     _atomic_write(folder / CONFIG_NAME, (text + "\n").encode())
     return folder
 
 
-def _read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Header and tensors of a saved adapter; ValueError naming the file if anything is off."""
-    file = folder / WEIGHTS_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
-    data = file.read_bytes()
+def _check_header(header: dict) -> dict:
+    """The header with its schema checked; config becomes a GiVAConfig."""
+    if header.get("library") != "giva_ext":
+        raise ValueError(f"its header says library {header.get('library')!r}, not 'giva_ext'")
+    if type(header.get("format")) is not int or header["format"] not in READ_FORMATS:
+        raise ValueError(f"it was written by giva_ext {header.get('version')!r} in adapter format "
+                         f"{header.get('format')!r}; giva_ext {__version__} reads formats "
+                         f"{list(READ_FORMATS)} (use the giva_ext version that wrote it)")
     try:
-        tensors = load_safetensors_bytes(data)  # validates the whole file first
-        header_size = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
-    except (SafetensorError, ValueError) as exc:
-        raise ValueError(f"{file} is not a readable safetensors file: {exc}") from exc
-    if METADATA_KEY not in metadata:
-        raise ValueError(f"{file} is not a giva_ext adapter (no '{METADATA_KEY}' metadata)")
-    try:
-        header = json.loads(metadata[METADATA_KEY])
-        if header.get("library") != "giva_ext" or header.get("format") != FORMAT_VERSION:
-            raise ValueError(f"library {header.get('library')!r}, format {header.get('format')!r}")
         header["config"] = GiVAConfig.from_dict(header["config"])
-        fingerprint = header["fingerprint"]
-        if not isinstance(fingerprint, list):
-            raise ValueError("fingerprint is not a list")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{file}: unsupported or damaged adapter header ({exc})") from exc
-    return header, tensors
+        check_fingerprint_schema(header["fingerprint"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"its header has a wrong schema ({type(exc).__name__}: {exc})") from exc
+    return header
 
 
-def _check_fingerprint(file: Path, saved: list[dict], targets: dict[str, nn.Module]) -> None:
+def _read_adapter(file: Path) -> tuple[dict, str, dict[str, torch.Tensor]]:
+    """Header, header text and tensors of a saved adapter, all checked (ValueError otherwise)."""
+    if not file.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {file.parent}")
+    text, header, tensors, verified = unpack(file.read_bytes(), METADATA_KEY)
+    header = _check_header(header)
+    if not verified and header["format"] >= 2:
+        raise ValueError(f"its checksum record is missing (format {header['format']} has one)")
+    check_finite_tensors(tensors)
+    return header, text, tensors
+
+
+def _first_difference(a, b, path: str = "") -> str | None:
+    """The first key path where two JSON values differ, or None if they are equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            found = _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+        return None
+    return None if a == b else (path or "the whole file")
+
+
+def _check_config_file(file: Path, text: str) -> None:
+    """Warn if adapter_config.json is unreadable or differs from the header it should copy."""
+    if not file.exists():
+        return
+    try:
+        differs = _first_difference(json.loads(file.read_text()), json.loads(text))
+    except (ValueError, OSError) as exc:
+        differs = f"unreadable: {exc}"
+    if differs is not None:
+        warnings.warn(f"{file} does not match {WEIGHTS_NAME} ({differs}); it is ignored: the adapter "
+                      f"loads from {WEIGHTS_NAME}, the source of truth (save the adapter again to "
+                      "rewrite it)", RuntimeWarning, stacklevel=3)
+
+
+def _check_fingerprint(saved: list[dict], targets: dict[str, nn.Module]) -> None:
     """Raise ValueError naming the first layer whose base weight differs from the saved one."""
     if set(targets) != {entry["name"] for entry in saved}:
         missing = sorted({e["name"] for e in saved} - set(targets))
         extra = sorted(set(targets) - {e["name"] for e in saved})
-        raise ValueError(f"{file} targets other layers than this model: missing in model {missing[:3]}, "
+        raise ValueError(f"it targets other layers than this model: missing in model {missing[:3]}, "
                          f"not in adapter {extra[:3]}")
     for entry in saved:
         now = weight_fingerprint(entry["name"], _base_weight(targets[entry["name"]]))
@@ -127,61 +254,110 @@ def _check_fingerprint(file: Path, saved: list[dict], targets: dict[str, nn.Modu
                 hint = (" (transposed: one of them is a transformers Conv1D, which stores its weight "
                         "as (in, out), and the other an nn.Linear)"
                         if key == "shape" and now[key] == entry[key][::-1] else "")
-                raise ValueError(f"{file} was saved for another base model: layer {entry['name']!r} "
+                raise ValueError(f"it was saved for another base model: layer {entry['name']!r} "
                                  f"has {key} {now[key]} here but {entry[key]} in the adapter{hint}")
+
+
+def _check_fits(model: nn.Module, config: GiVAConfig, tensors: dict[str, torch.Tensor],
+                targets: dict[str, nn.Module]) -> None:
+    """ValueError unless the tensors are exactly what the model needs: names, shapes, float kinds."""
+    expected = {}
+    for name, module in targets.items():
+        in_f, out_f = linear_shape(module)
+        r = config.r * chunks_for(name, config)
+        if isinstance(module, GiVALinear) and module.r != r:
+            raise ValueError(f"it has rank {r} but layer {name!r} of the model has rank {module.r}")
+        expected.update({f"{name}.A": (r, in_f, True), f"{name}.B": (out_f, r, True),
+                         f"{name}.lambda_s": (r, True), f"{name}.lambda_o": (out_f, True)})
+    for mname, module in _modules_to_save(model, config).items():
+        for key, value in module.state_dict().items():
+            expected[f"{SAVED_PREFIX}{mname}.{key}"] = (*value.shape, value.is_floating_point())
+    if set(tensors) != set(expected):
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        raise ValueError(f"its tensors do not fit the model (missing {missing[:3]}, unexpected {extra[:3]})")
+    for key, (*shape, floating) in expected.items():
+        t = tensors[key]
+        if list(t.shape) != shape:
+            raise ValueError(f"tensor {key!r} has shape {tuple(t.shape)}, the model needs {tuple(shape)}")
+        if t.is_floating_point() != floating:
+            raise ValueError(f"tensor {key!r} has dtype {t.dtype}, the model needs a "
+                             f"{'floating' if floating else 'non-floating'} dtype")
+
+
+@contextmanager
+def _unchanged_on_error(model: nn.Module, overwritten: list[torch.Tensor]):
+    """Put the model back exactly as it was if the block raises: every module's attributes (children,
+    parameter and buffer slots, the model's GiVA registry), requires_grad flags, and the values of
+    the tensors in ``overwritten`` (the only ones the block writes into)."""
+    attrs = [(m, dict(m.__dict__), {k: dict(v) for k, v in m.__dict__.items() if isinstance(v, dict)})
+             for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    values = [(t, t.detach().clone()) for t in overwritten]
+    try:
+        yield
+    except BaseException:
+        for module, saved, dicts in attrs:
+            for key, contents in dicts.items():  # dicts in place: hook handles refer to them
+                saved[key].clear()
+                saved[key].update(contents)
+            module.__dict__.clear()
+            module.__dict__.update(saved)
+        # Only what changed, and an inference tensor (which refuses changes outside inference mode)
+        # in inference mode.
+        for p, flag in flags:
+            if p.requires_grad != flag:
+                with torch.inference_mode(p.is_inference()):
+                    p.requires_grad_(flag)
+        for t, value in values:
+            if not torch.equal(t, value):
+                with torch.inference_mode(t.is_inference()), torch.no_grad():
+                    t.copy_(value)
+        raise
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter saved by save_adapter into ``model`` (plain, or already holding GiVA layers).
 
     A plain model gets apply_giva with the saved config first. The base weights must be the ones
-    the adapter was saved with (checked by fingerprint). All checks run before the model changes.
+    the adapter was saved with (checked by fingerprint). The file is checked in full first (layout,
+    checksums, header schema, fingerprint, every tensor's name, shape and finiteness); on any error
+    the model is left exactly as it was, and the error names the file and what is wrong (a
+    ValueError for a damaged or unsuitable file). adapter_config.json is only compared with the
+    header: a RuntimeWarning says if it is unreadable or differs.
     """
-    folder = Path(path)
-    file = folder / WEIGHTS_NAME
-    header, tensors = _read_adapter(folder)
-    config: GiVAConfig = header["config"]
-    layers = giva_layers(model)
-    if layers:
-        check_unmerged(layers, "load_adapter")
-        targets = dict(layers)
-    else:
-        targets = find_targets(model, config)
-    _check_fingerprint(file, header["fingerprint"], targets)
-
-    expected = {}
-    for name, module in targets.items():
-        in_f, out_f = linear_shape(module)
-        r = config.r * chunks_for(name, config)
-        if isinstance(module, GiVALinear) and module.r != r:
-            raise ValueError(f"{file} has rank {r} but layer {name!r} of the model has rank {module.r}")
-        expected.update({f"{name}.A": (r, in_f), f"{name}.B": (out_f, r),
-                         f"{name}.lambda_s": (r,), f"{name}.lambda_o": (out_f,)})
-    for mname, module in _modules_to_save(model, config).items():
-        for key, value in module.state_dict().items():
-            expected[f"{SAVED_PREFIX}{mname}.{key}"] = tuple(value.shape)
-    if set(tensors) != set(expected):
-        missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
-        raise ValueError(f"{file}: tensors do not fit the model (missing {missing[:3]}, unexpected {extra[:3]})")
-    for key, shape in expected.items():
-        if tuple(tensors[key].shape) != shape:
-            raise ValueError(f"{file}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "
-                             f"the model needs {shape}")
-        if not tensors[key].is_floating_point() and key.startswith(tuple(targets)):
-            raise ValueError(f"{file}: tensor {key!r} has dtype {tensors[key].dtype}, expected floating point")
-
-    if not layers:
-        apply_giva(model, config)
+    file = Path(path) / WEIGHTS_NAME
+    try:
+        header, text, tensors = _read_adapter(file)
+        config: GiVAConfig = header["config"]
         layers = giva_layers(model)
-    else:
-        model.giva_config = config
-    with torch.no_grad():
-        for name, layer in layers.items():
-            for field in ADAPTER_FIELDS:
-                getattr(layer, field).copy_(tensors[f"{name}.{field}"])
-        for mname, module in _modules_to_save(model, config).items():
-            state = {key[len(SAVED_PREFIX) + len(mname) + 1:]: t for key, t in tensors.items()
-                     if key.startswith(f"{SAVED_PREFIX}{mname}.")}
-            module.load_state_dict(state)
+        check_unmerged(layers, "load_adapter")
+        targets = find_targets(model, config)
+        if layers and set(targets) != set(layers):
+            raise ValueError(f"its config targets other layers than the model's GiVA layers: not GiVA "
+                             f"layers in the model {sorted(set(targets) - set(layers))[:3]}, not targets "
+                             f"of the adapter {sorted(set(layers) - set(targets))[:3]}")
+        _check_fingerprint(header["fingerprint"], targets)
+        _check_fits(model, config, tensors, targets)
+        heads = _modules_to_save(model, config)
+        overwritten = [getattr(layer, f) for layer in layers.values() for f in ADAPTER_FIELDS]
+        overwritten += [v for module in heads.values() for v in module.state_dict().values()]
+        with _unchanged_on_error(model, overwritten):
+            if not layers:
+                apply_giva(model, config)
+                layers = giva_layers(model)
+            else:
+                register_adapter(model, model.giva_active_adapter, config)
+            with torch.no_grad():
+                for name, layer in layers.items():
+                    for field in ADAPTER_FIELDS:
+                        getattr(layer, field).copy_(tensors[f"{name}.{field}"])
+            for mname, module in heads.items():
+                prefix = f"{SAVED_PREFIX}{mname}."
+                module.load_state_dict({k[len(prefix):]: t for k, t in tensors.items()
+                                        if k.startswith(prefix)})
+    except (ValueError, TypeError, RuntimeError) as exc:
+        kind = next(k for k in (ValueError, TypeError, RuntimeError) if isinstance(exc, k))
+        raise kind(f"{file}: {exc}") from exc
+    _check_config_file(file.parent / CONFIG_NAME, text)
     return model

@@ -99,7 +99,7 @@ def test_missing_and_foreign_files(tmp_path):
         g.load_adapter(fresh_base(), tmp_path)
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(2)}, tmp_path / WEIGHTS_NAME)
-    with pytest.raises(ValueError, match="not a giva_ext adapter"):
+    with pytest.raises(ValueError, match="not a giva_ext file"):
         g.load_adapter(fresh_base(), tmp_path)
     (tmp_path / WEIGHTS_NAME).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
     with pytest.raises(ValueError, match="not a readable safetensors file"):

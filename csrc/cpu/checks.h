@@ -1,6 +1,11 @@
 // Argument validation shared by the giva ops: every tensor is checked for device, dtype and shape
 // before any work, and the message names the argument and what was expected. Device-agnostic, so a
 // CUDA kernel can include it too.
+//
+// Sizes need no bound here: the CPU and CUDA kernels index with int64 throughout (T * in and
+// T * out may pass 2^31), the CUDA launches check their grids against CUDA's limits, and any size
+// may be 0 (empty results, or sums over nothing: zeros). Any strides are accepted (views, stride 0
+// from expand); kernels that need unit column stride make a contiguous copy first.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -21,6 +21,9 @@
 // held in registers; they read A, B and the lambdas in place (no folded copies). Above rank 8 the
 // FMAs per element outgrow the memory time, so wider ranks use cuBLAS (tensor cores) for the thin
 // products instead, with the same beta = 1 structure.
+//
+// Indexing: every offset into a T-sized tensor is computed in int64 (T * in and T * out may pass
+// 2^31), and every launch checks its grid against CUDA's limits.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -391,8 +394,9 @@ ThinOut thin_products(const at::Tensor& X, const Factor<T>& Q, bool want_p, cons
   const int64_t want_groups = std::max<int64_t>(1, num_sms() * std::max(occupancy, 1) / ncol);
   int64_t groups = std::min(want_groups, ceil_div(rows, kRowBatch));
   const int64_t rows_per_group = ceil_div(ceil_div(rows, groups), kRowBatch) * kRowBatch;
-  groups = ceil_div(rows, rows_per_group);  // no empty group
-  TORCH_CHECK(ncol <= INT32_MAX && groups <= 65535, "giva: thin product grid too large");
+  groups = ceil_div(rows, rows_per_group);  // no empty group; at most SMs x occupancy (gridDim.y)
+  TORCH_CHECK(ncol <= INT32_MAX, "giva: a row of ", K, " elements needs ", ncol,
+              " column blocks, above the CUDA grid limit of 2^31 - 1");
 
   if (want_p) res.Ppart = at::empty({ncol, rows, kRank}, f32);
   at::Tensor Mpart;
@@ -425,7 +429,8 @@ at::Tensor expand(const at::Tensor& Ppart, int64_t rows, const Factor<T>& F, con
   const int64_t tiles = ceil_div(rows, kTileRows);
   const int64_t per_wave = std::max<int64_t>(1, 4 * num_sms() * std::max(occupancy, 1) / ncol);
   const int64_t grid_y = std::min<int64_t>({tiles, per_wave, 65535});
-  TORCH_CHECK(ncol <= INT32_MAX, "giva: expand grid too large");
+  TORCH_CHECK(ncol <= INT32_MAX, "giva: an output row of ", N, " elements needs ", ncol,
+              " column blocks, above the CUDA grid limit of 2^31 - 1");
   kernel<<<dim3(static_cast<unsigned>(ncol), static_cast<unsigned>(grid_y)), kThreads, 0,
            at::cuda::getCurrentCUDAStream()>>>(
       Ppart.data_ptr<float>(), Ppart.size(0), rows, F, bias_ptr, N, C.data_ptr<T>(),
@@ -504,6 +509,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
       }
       if (need_lambda) {
         const int64_t blocks = std::max<int64_t>(1, ceil_div(out, kThreads));
+        TORCH_CHECK(blocks <= INT32_MAX, "giva::linear_backward: out = ", out, " needs ", blocks,
+                    " blocks, above the CUDA grid limit of 2^31 - 1");
         if (need_o) grad_o = at::empty({out}, lambda_o.options());
         at::Tensor gs_part;
         if (need_s) gs_part = at::empty({blocks, kRank}, thin.M.options());
