@@ -27,10 +27,11 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
+from .adapters import active_adapter, add_adapter, adapter_names, set_adapter
 from .config import GiVAConfig
-from .layer import GiVALinear, linear_shape
+from .layer import GiVALinear, check_adapter_name, linear_shape
 from .model import (_modules_to_save, apply_giva, check_unmerged, chunks_for, find_targets, get_config,
-                    giva_layers, register_adapter)
+                    giva_layers, register_adapter, wrapped_layers)
 from .version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -156,19 +157,31 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Save the adapter (bases, vectors, modules_to_save) of ``model`` into folder ``path``.
+def _adapter_config(model: nn.Module, adapter_name: str | None) -> tuple[str | None, GiVAConfig]:
+    """(name, config) of adapter ``adapter_name``, or of the active adapter when it is None."""
+    if adapter_name is None:
+        return active_adapter(model), get_config(model)
+    configs = getattr(model, "giva_adapters", None) or {}
+    if adapter_name not in configs:
+        raise KeyError(f"the model has no adapter named {adapter_name!r}; it has {list(configs)}")
+    return adapter_name, configs[adapter_name]
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Save adapter ``adapter_name`` (default: the active one) of ``model`` (bases, vectors,
+    modules_to_save) into folder ``path``.
 
     Refuses (ValueError naming the tensor, before writing anything) a tensor holding NaN or Inf,
     e.g. after a diverged step, so a previous good adapter in ``path`` is never overwritten by it.
     """
-    config = get_config(model)
-    layers = giva_layers(model)
-    check_unmerged(layers, "saving (the fingerprint must describe the pretrained weights)")
+    adapter_name, config = _adapter_config(model, adapter_name)
+    layers = giva_layers(model, adapter_name)
+    check_unmerged(wrapped_layers(model), "saving (the fingerprint must describe the pretrained weights)")
     tensors = {}
     for name, layer in layers.items():
+        adapter = layer.adapters[adapter_name] if adapter_name is not None else layer.adapter
         for field in ADAPTER_FIELDS:
-            tensors[f"{name}.{field}"] = getattr(layer, field).detach().cpu().contiguous()
+            tensors[f"{name}.{field}"] = getattr(adapter, field).detach().cpu().contiguous()
     for mname, module in _modules_to_save(model, config).items():
         for key, value in module.state_dict().items():
             tensors[f"{SAVED_PREFIX}{mname}.{key}"] = value.detach().cpu().contiguous().clone()
@@ -259,14 +272,18 @@ def _check_fingerprint(saved: list[dict], targets: dict[str, nn.Module]) -> None
 
 
 def _check_fits(model: nn.Module, config: GiVAConfig, tensors: dict[str, torch.Tensor],
-                targets: dict[str, nn.Module]) -> None:
-    """ValueError unless the tensors are exactly what the model needs: names, shapes, float kinds."""
+                targets: dict[str, nn.Module], adapter_name: str) -> None:
+    """ValueError unless the tensors are exactly what the model needs: names, shapes, float kinds
+    (against adapter ``adapter_name`` where a target already holds it)."""
     expected = {}
     for name, module in targets.items():
         in_f, out_f = linear_shape(module)
         r = config.r * chunks_for(name, config)
-        if isinstance(module, GiVALinear) and module.r != r:
-            raise ValueError(f"it has rank {r} but layer {name!r} of the model has rank {module.r}")
+        held = (module.adapters[adapter_name] if isinstance(module, GiVALinear)
+                and adapter_name in module.adapters else None)
+        if held is not None and held.r != r:
+            raise ValueError(f"it has rank {r} but adapter {adapter_name!r} of layer {name!r} has rank "
+                             f"{held.r}")
         expected.update({f"{name}.A": (r, in_f, True), f"{name}.B": (out_f, r, True),
                          f"{name}.lambda_s": (r, True), f"{name}.lambda_o": (out_f, True)})
     for mname, module in _modules_to_save(model, config).items():
@@ -316,48 +333,100 @@ def _unchanged_on_error(model: nn.Module, overwritten: list[torch.Tensor]):
         raise
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter saved by save_adapter into ``model`` (plain, or already holding GiVA layers).
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
+    """Load an adapter saved by save_adapter into ``model`` as adapter ``adapter_name``.
 
-    A plain model gets apply_giva with the saved config first. The base weights must be the ones
-    the adapter was saved with (checked by fingerprint). The file is checked in full first (layout,
-    checksums, header schema, fingerprint, every tensor's name, shape and finiteness); on any error
-    the model is left exactly as it was, and the error names the file and what is wrong (a
-    ValueError for a damaged or unsuitable file). adapter_config.json is only compared with the
-    header: a RuntimeWarning says if it is unreadable or differs.
+    A plain model gets apply_giva with the saved config first (the adapter is named
+    ``adapter_name``, default "default", and active). On a model with GiVA layers, an existing
+    adapter of that name (default: the active one) is overwritten; a new name is added with
+    add_adapter (the active adapter does not change). The base weights must be the ones the adapter
+    was saved with (checked by fingerprint). The file is checked in full first (layout, checksums,
+    header schema, fingerprint, every tensor's name, shape and finiteness); on any error the model
+    is left exactly as it was, and the error names the file and what is wrong (a ValueError for a
+    damaged or unsuitable file). adapter_config.json is only compared with the header: a
+    RuntimeWarning says if it is unreadable or differs.
     """
     file = Path(path) / WEIGHTS_NAME
     try:
+        if adapter_name is not None:
+            check_adapter_name(adapter_name)
         header, text, tensors = _read_adapter(file)
         config: GiVAConfig = header["config"]
-        layers = giva_layers(model)
-        check_unmerged(layers, "load_adapter")
+        wrapped = wrapped_layers(model)
+        check_unmerged(wrapped, "load_adapter")
+        if wrapped and adapter_name is None:
+            adapter_name = active_adapter(model)
+            if adapter_name is None:
+                raise ValueError("the model's adapters are disabled: pass adapter_name to load it as")
+        name = adapter_name or "default"
+        existing = {n: layer for n, layer in wrapped.items() if name in layer.adapters}
         targets = find_targets(model, config)
-        if layers and set(targets) != set(layers):
-            raise ValueError(f"its config targets other layers than the model's GiVA layers: not GiVA "
-                             f"layers in the model {sorted(set(targets) - set(layers))[:3]}, not targets "
-                             f"of the adapter {sorted(set(layers) - set(targets))[:3]}")
+        if existing and set(targets) != set(existing):
+            raise ValueError(f"its config targets other layers than adapter {name!r} of the model: "
+                             f"not in the model's adapter {sorted(set(targets) - set(existing))[:3]}, "
+                             f"not targets of the file {sorted(set(existing) - set(targets))[:3]}")
         _check_fingerprint(header["fingerprint"], targets)
-        _check_fits(model, config, tensors, targets)
+        _check_fits(model, config, tensors, targets, name)
         heads = _modules_to_save(model, config)
-        overwritten = [getattr(layer, f) for layer in layers.values() for f in ADAPTER_FIELDS]
+        overwritten = [getattr(layer.adapters[name], f) for layer in existing.values() for f in ADAPTER_FIELDS]
         overwritten += [v for module in heads.values() for v in module.state_dict().values()]
         with _unchanged_on_error(model, overwritten):
-            if not layers:
-                apply_giva(model, config)
-                layers = giva_layers(model)
+            if not wrapped:
+                apply_giva(model, config, name)
+            elif existing:
+                register_adapter(model, name, config)
             else:
-                register_adapter(model, model.giva_active_adapter, config)
+                add_adapter(model, name, config)
             with torch.no_grad():
-                for name, layer in layers.items():
+                for target, layer in giva_layers(model, name).items():
                     for field in ADAPTER_FIELDS:
-                        getattr(layer, field).copy_(tensors[f"{name}.{field}"])
+                        getattr(layer.adapters[name], field).copy_(tensors[f"{target}.{field}"])
             for mname, module in heads.items():
                 prefix = f"{SAVED_PREFIX}{mname}."
                 module.load_state_dict({k[len(prefix):]: t for k, t in tensors.items()
                                         if k.startswith(prefix)})
-    except (ValueError, TypeError, RuntimeError) as exc:
-        kind = next(k for k in (ValueError, TypeError, RuntimeError) if isinstance(exc, k))
+    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
+        kind = next(k for k in (ValueError, TypeError, RuntimeError, KeyError) if isinstance(exc, k))
         raise kind(f"{file}: {exc}") from exc
     _check_config_file(file.parent / CONFIG_NAME, text)
+    return model
+
+
+INDEX_NAME = "adapters.json"
+
+
+def save_adapters(model: nn.Module, folder: str | os.PathLike) -> Path:
+    """Save every adapter of ``model`` into ``folder/<name>/`` (each as save_adapter writes it, each
+    atomic) and ``folder/adapters.json``: the names in id order and the active one."""
+    folder = Path(folder)
+    names = adapter_names(model)
+    if not names:
+        raise ValueError("model has no GiVA adapter; call apply_giva(model, config) first")
+    for name in names:
+        save_adapter(model, folder / name, name)
+    index = {"library": "giva_ext", "adapters": names, "active": active_adapter(model)}
+    _atomic_write(folder / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+    return folder
+
+
+def load_adapters(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Load every adapter save_adapters wrote into ``folder``, by name and in id order, and activate
+    the one that was active. All or nothing: if one fails, the model is left as it was."""
+    folder = Path(folder)
+    file = folder / INDEX_NAME
+    try:
+        index = json.loads(file.read_text())
+        names, active = index["adapters"], index["active"]
+        if not isinstance(names, list) or not names or (active is not None and active not in names):
+            raise ValueError(f"adapters {names!r} with active {active!r}")
+        for name in names:
+            check_adapter_name(name)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{file}: not a readable adapter index ({type(exc).__name__}: {exc})") from exc
+    overwritten = [getattr(a, f) for layer in wrapped_layers(model).values()
+                   for a in layer.adapters.values() for f in ADAPTER_FIELDS]
+    with _unchanged_on_error(model, overwritten):
+        for name in names:
+            load_adapter(model, folder / name, name)
+        set_adapter(model, active)
     return model

@@ -312,3 +312,63 @@ def test_mixed_op_bad_input_names_the_argument():
         torch.ops.giva.mixed_linear(x, w, b, A, B, ls, lo, ids.int())
     with pytest.raises(RuntimeError, match=r"token_ids must have shape \(T,\) = \(6,\)"):
         torch.ops.giva.mixed_linear(x, w, b, A, B, ls, lo, ids[:4])
+
+
+# ---- saving and loading by name
+
+def outputs_per_adapter(model):
+    previous = g.active_adapter(model)
+    result = {}
+    for name in g.adapter_names(model):
+        g.set_adapter(model, name)
+        result[name] = model(IDS)
+    g.set_adapter(model, previous)
+    return result
+
+
+def test_save_and_load_all_adapters(three, tmp_path):
+    plain, model = three
+    g.set_adapter(model, "small")
+    g.save_adapters(model, tmp_path / "all")
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["adapters.json", "default", "small", "wide"]
+    fresh = g.load_adapters(copy.deepcopy(plain), tmp_path / "all")
+    assert g.adapter_names(fresh) == ["default", "small", "wide"] and g.active_adapter(fresh) == "small"
+    expected, got = outputs_per_adapter(model), outputs_per_adapter(fresh)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+    rows = ["wide", None, "default", "small", "wide", "default"]
+    with torch.no_grad(), g.mixed_adapters(fresh, rows):
+        torch.testing.assert_close(fresh(IDS), per_adapter_oracle(model, rows, IDS))
+
+
+def test_save_one_by_name_and_add_it_elsewhere(three, tmp_path):
+    plain, model = three
+    g.save_adapter(model, tmp_path / "wide", "wide")  # not the active one
+    other = g.apply_giva(copy.deepcopy(plain), g.GiVAConfig(r=4, target_modules="all-linear"), "base")
+    g.load_adapter(other, tmp_path / "wide", "wide")  # a new name: added, "base" stays active
+    assert g.adapter_names(other) == ["base", "wide"] and g.active_adapter(other) == "base"
+    g.set_adapter(other, "wide")
+    expected = outputs_per_adapter(model)["wide"]
+    torch.testing.assert_close(other(IDS), expected, rtol=0, atol=0)
+    fill_vectors(other, "wide", 7)  # loading again under the same name overwrites it
+    g.load_adapter(other, tmp_path / "wide", "wide")
+    torch.testing.assert_close(other(IDS), expected, rtol=0, atol=0)
+    with pytest.raises(KeyError, match="no adapter named 'nope'"):
+        g.save_adapter(model, tmp_path / "x", "nope")
+
+
+def test_load_adapters_is_all_or_nothing(three, tmp_path):
+    plain, model = three
+    g.save_adapters(model, tmp_path / "all")
+    data = bytearray((tmp_path / "all" / "wide" / "adapter_model.safetensors").read_bytes())
+    data[-3] ^= 0x10  # one flipped bit in the last adapter's tensors
+    (tmp_path / "all" / "wide" / "adapter_model.safetensors").write_bytes(bytes(data))
+    target = g.apply_giva(copy.deepcopy(plain), g.GiVAConfig(r=2, target_modules=["out"]), "mine")
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match="wide"):
+        g.load_adapters(target, tmp_path / "all")
+    assert g.adapter_names(target) == ["mine"] and g.active_adapter(target) == "mine"
+    assert target.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    with pytest.raises(ValueError, match="adapters.json"):
+        g.load_adapters(target, tmp_path / "nowhere")
