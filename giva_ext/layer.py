@@ -226,9 +226,11 @@ class GiVALinear(nn.Module):
         self.reset_vectors()
 
     def delta_weight(self) -> torch.Tensor:
-        """diag(lambda_o) B diag(lambda_s) A as (out, in), computed in fp32, in the weight's dtype."""
-        f32 = [t.detach().float() for t in (self.A, self.B, self.lambda_s, self.lambda_o)]
-        return reference.delta_weight(*f32).to(self.base.weight.dtype)
+        """diag(lambda_o) B diag(lambda_s) A as (out, in) in the weight's dtype, computed in fp32
+        (float64 for a float64 weight)."""
+        acc = torch.promote_types(self.base.weight.dtype, torch.float32)
+        factors = [t.detach().to(acc) for t in (self.A, self.B, self.lambda_s, self.lambda_o)]
+        return reference.delta_weight(*factors).to(self.base.weight.dtype)
 
     def merge(self) -> None:
         """Fold the active adapter into base.weight; forward then runs the plain base layer."""

@@ -174,10 +174,10 @@ def test_merge_unmerge_round_trip(case):
         merged_w = layer.base.weight.detach().clone().double()
         merged = layer(t["x"])
         layer.unmerge()
-    # delta is formed in float32 (its four factors rounded, r products summed), then W + delta
-    # rounds once to W's dtype.
-    eps, eps32 = torch.finfo(dtype).eps, torch.finfo(torch.float32).eps
-    fp32_units = (case["r"] + 4) * eps32
+    # delta is formed in float32, float64 for float64 (its four factors rounded, r products summed),
+    # then W + delta rounds once to W's dtype.
+    eps, eps_acc = torch.finfo(dtype).eps, torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+    fp32_units = (case["r"] + 4) * eps_acc
     assert ((merged_w - (w0 + delta)).abs() <= eps * ((w0 + delta).abs() + scale) + fp32_units * scale).all()
     unmerged = layer.base.weight.double()
     assert ((unmerged - w0).abs() <= 2 * eps * (w0.abs() + scale) + fp32_units * scale).all()
