@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 NATIVE_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: test demo cuda-check wheels clean
+.PHONY: test demo cuda-check wheels clean bench bench-smoke asan
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,28 @@ test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/python -m giva_ext demo
+
+# Benchmark suite (bench/, pytest-benchmark): GiVA against LoRA and VeRA. `bench` runs the default
+# size (about 5 minutes on 2 idle CPU cores) into bench/results/suite_$(BENCH_DEVICE).json, .md
+# and .png; `bench-smoke` runs every case once (quick size, no timing) and renders that JSON.
+BENCH_DEVICE ?= cpu
+BENCH_OUT := bench/results/suite_$(BENCH_DEVICE)
+SMOKE_OUT := build/bench-smoke/suite
+
+bench: $(VENV)/.installed
+	$(BIN)/python -m pytest bench/ --bench-size default --bench-device $(BENCH_DEVICE) \
+		--benchmark-columns=median,iqr,rounds --benchmark-json $(BENCH_OUT).json
+	$(BIN)/python bench/report.py $(BENCH_OUT).json
+
+bench-smoke: $(VENV)/.installed
+	mkdir -p $(dir $(SMOKE_OUT))
+	$(BIN)/python -m pytest bench/ -q --bench-size quick --bench-device cpu --benchmark-disable \
+		--benchmark-json $(SMOKE_OUT).json
+	$(BIN)/python bench/report.py $(SMOKE_OUT).json
+
+# The native-op tests against the CPU ops built with AddressSanitizer + UBSan (in a temporary copy).
+asan: $(VENV)/.installed
+	PYTHON=$(BIN)/python bash tools/asan_check.sh
 
 # Compiles the CUDA kernels for sm_80 and sm_90 with a CUDA build of torch (no GPU needed).
 cuda-check:

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # One-shot check of the CUDA build on a GPU machine with torch (CUDA) and nvcc preinstalled and no
-# network: build, CUDA op tests, compute-sanitizer on a tiny forward+backward, and the layer overhead
-# benchmark at T=8192, in=out=4096 (bf16 r=8 and r=64, fp16 r=8). Every step has a timeout, the
-# whole run stays under GIVA_CHECK_BUDGET_S (default 470 s), and a failing step does not stop the
-# next. Run from the repository root:
+# network: build, CUDA op tests, compute-sanitizer on a tiny forward+backward, the layer overhead
+# benchmark at T=8192, in=out=4096 (bf16 r=8 and r=64, fp16 r=8), and the benchmark suite (bench/,
+# default size) with its report. Every step has a timeout, the whole run stays under
+# GIVA_CHECK_BUDGET_S (default 470 s), and a failing step does not stop the next. Run from the
+# repository root:
 #
 #   OUT=/some/dir bash bench/gpu_check.sh
 #
-# Writes into $OUT (8 files): env_build.log pytest.log pytest.xml sanitizer.log bench.log
-# bench_bf16.json bench_fp16.json summary.json (exit code and seconds of every step).
+# Writes into $OUT (12 files): env_build.log pytest.log pytest.xml sanitizer.log bench.log
+# bench_bf16.json bench_fp16.json suite.log suite_gpu.json suite_gpu.md suite_gpu.png summary.json
+# (exit code and seconds of every step).
 set -uo pipefail
 
 OUT="${OUT:?set OUT to an output folder}"
@@ -91,6 +93,13 @@ step bench_bf16 90 "$OUT/bench.log" "$PY" bench/layer_overhead.py --device cuda 
 step bench_fp16 60 "$OUT/bench.log" "$PY" bench/layer_overhead.py --device cuda --dtype float16 \
   --shapes 8192x4096x4096 --ranks 8 --json "$OUT/bench_fp16.json"
 tail -n 30 "$OUT/bench.log"
+
+# The pytest-benchmark suite, default size on the GPU (layers in bf16 and fp16, the MiniLM step and
+# init in bf16/fp32, memory), then its report. Peers whose package is missing here skip.
+step suite 150 "$OUT/suite.log" "$PY" -m pytest bench/ -q -p no:cacheprovider --bench-size default \
+  --bench-device cuda --benchmark-columns=median,rounds --benchmark-json "$OUT/suite_gpu.json"
+step report 30 "$OUT/suite.log" "$PY" bench/report.py "$OUT/suite_gpu.json"
+tail -n 60 "$OUT/suite.log"
 
 "$PY" - "$STEPS" "$OUT/summary.json" "$START" <<'PYEOF'
 import json, sys, time

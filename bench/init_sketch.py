@@ -44,33 +44,51 @@ def make_batches(n, tokens, batches, seed=0):
     return data
 
 
+def dense_gradient(data):
+    """G = sum of g^T x over the batches, formed densely (out x in)."""
+    x0, g0 = data[0]
+    G = x0.new_zeros(g0.shape[1], x0.shape[1])
+    for x, gy in data:
+        G.addmm_(gy.t(), x)
+    return G
+
+
+# Gradient to the top `needed` singular triplets (U, S, V), one function per method; the sketch keeps
+# k = 2 * needed + 1 columns, init_bases' default for VrU2r (needed = 2r).
+def sketch_svd(data, needed):
+    (x0, g0), k = data[0], 2 * needed + 1
+    s = GradientSketch("layer", g0.shape[1], x0.shape[1], k, passes=1, seed=0, device=x0.device)
+    for x, gy in data:
+        s.update(x, gy)
+    return s.svd()
+
+
+def dense_rsvd(data, needed):
+    return randomized_svd(dense_gradient(data), needed, generator=torch.Generator().manual_seed(0))
+
+
+def dense_lowrank(data, needed):
+    """torch.svd_lowrank with q = needed + 8, niter = 4: what the authors and PEFT LoRA-GA use."""
+    return torch.svd_lowrank(dense_gradient(data), q=needed + 8, niter=4)
+
+
+def exact_svd(data, needed):
+    U, S, Vh = torch.linalg.svd(dense_gradient(data))
+    return U[:, :needed], S[:needed], Vh[:needed].T
+
+
+INIT_METHODS = {"sketch": sketch_svd, "dense+rsvd": dense_rsvd, "dense+svd_lowrank": dense_lowrank,
+                "dense+exact": exact_svd}
+
+
 def run(n, tokens, batches, r, repeats):
     data = make_batches(n, tokens, batches)
     needed, k = 2 * r, 4 * r + 1
 
-    def dense_gradient():
-        G = torch.zeros(n, n)
-        for x, gy in data:
-            G.addmm_(gy.t(), x)
-        return G
-
-    def sketch():
-        s = GradientSketch("layer", n, n, k, passes=1, seed=0, device="cpu")
-        for x, gy in data:
-            s.update(x, gy)
-        return s.svd()
-
-    def dense_rsvd():
-        return randomized_svd(dense_gradient(), needed, generator=torch.Generator().manual_seed(0))
-
-    def exact():
-        U, S, Vh = torch.linalg.svd(dense_gradient())
-        return U[:, :needed], S[:needed], Vh[:needed].T
-
-    t_sketch, (U_s, _, V_s) = best_of(sketch, repeats)
-    t_dense, _ = best_of(dense_rsvd, repeats)
-    t_exact, (U, _, V) = best_of(exact, repeats)
-    G = dense_gradient()
+    t_sketch, (U_s, _, V_s) = best_of(lambda: sketch_svd(data, needed), repeats)
+    t_dense, _ = best_of(lambda: dense_rsvd(data, needed), repeats)
+    t_exact, (U, _, V) = best_of(lambda: exact_svd(data, needed), repeats)
+    G = dense_gradient(data)
     t_native, _ = best_of(lambda: randomized_svd(G, needed, generator=torch.Generator().manual_seed(0)), repeats)
     t_lowrank, _ = best_of(lambda: torch.svd_lowrank(G, q=needed + 8, niter=4), repeats)
     sketch_bytes = GradientSketch.floats(n, n, k) * 4

@@ -7,13 +7,13 @@ Shapes are TxINxOUT (tokens x in_features x out_features).  Every case of one (s
 timed in the same run, interleaved repetition by repetition, so machine noise hits them alike: the
 ratio to the floor is the figure to read, not the absolute time.  Cases: the frozen nn.Linear
 (x requires grad, the weight does not), GiVALinear on the native op, GiVALinear's math on the
-pure-PyTorch reference, the unfused autograd composite, and PEFT LoRA / VeRA of the same rank when
-peft is installed.  "saved MiB" is what autograd keeps for backward beyond parameters and buffers.
+pure-PyTorch reference, the unfused autograd composite, a plain-PyTorch LoRA, and PEFT LoRA / VeRA
+of the same rank (dropout 0, the layer's dtype) when peft is installed; built as in the pytest
+suite (bench/_cases.py).  "saved MiB" is what autograd keeps for backward beyond parameters and buffers.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -22,7 +22,8 @@ import time
 import torch
 from torch import nn
 
-from giva_ext import GiVALinear, ops, reference
+from _cases import ReferenceGiVA, clear_grads, layer_peer, native_supported, saved_bytes
+from giva_ext import ops
 
 try:
     import peft
@@ -38,62 +39,27 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return T, n_in, n_out
 
 
-class _Holder(nn.Module):
-    """A one-layer model for PEFT to adapt."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.lin = linear
-
-    def forward(self, x):
-        return self.lin(x)
-
-
-def _peft_model(base: nn.Linear, config) -> nn.Module:
-    return peft.get_peft_model(_Holder(copy.deepcopy(base)), config)
-
-
 def build_cases(base: nn.Linear, r: int, device) -> tuple[dict, list]:
     """(name -> callable(x) -> y, all on the same frozen base layer; the modules they use)."""
-    layer = GiVALinear.from_linear(base, r)
-    with torch.no_grad():  # a trained-looking adapter, so no path can skip the update as zero
-        layer.lambda_o.normal_()
-        layer.lambda_s.normal_()
-    frozen = (base.weight, base.bias, layer.A, layer.B)
+    layer = layer_peer("giva-native", base, r)
     cases = {"nn.Linear (floor)": base}
-    if ops.supports(torch.empty(0, device=device, dtype=base.weight.dtype)):
+    if native_supported(device, base.weight.dtype):
         cases["GiVA native"] = layer
-    cases["GiVA reference"] = lambda x: reference.linear(x, *frozen, layer.lambda_s, layer.lambda_o)
+    cases["GiVA reference"] = ReferenceGiVA(layer)
     cases["GiVA unfused"] = lambda x: base(x) + layer.lambda_o * ((layer.lambda_s * (x @ layer.A.t())) @ layer.B.t())
+    cases["LoRA (plain PyTorch)"] = layer_peer("lora-torch", base, r)
     if peft is not None:
-        cases["PEFT LoRA"] = _peft_model(base, peft.LoraConfig(r=r, lora_alpha=r, target_modules=["lin"]))
-        cases["PEFT VeRA"] = _peft_model(base, peft.VeraConfig(r=r, target_modules=["lin"]))
+        cases["PEFT LoRA"] = layer_peer("peft-lora", base, r)
+        cases["PEFT VeRA"] = layer_peer("peft-vera", base, r)
     return cases, [layer, *(fn for fn in cases.values() if isinstance(fn, nn.Module))]
-
-
-def _clear_grads(x, modules):
-    x.grad = None
-    for m in modules:
-        for p in m.parameters():
-            p.grad = None
 
 
 def saved_mib(fn, x, grad_y, modules) -> float:
     """MiB of tensors autograd saves for backward, not counting parameters and buffers."""
-    owned = {t.untyped_storage().data_ptr() for m in modules for t in (*m.parameters(), *m.buffers())}
-    storages = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in owned:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = fn(x)
+    nbytes, y = saved_bytes(lambda: fn(x), modules)
     y.backward(grad_y)
-    _clear_grads(x, modules)
-    return sum(storages.values()) / 2**20
+    clear_grads(x, *modules)
+    return nbytes / 2**20
 
 
 def time_cases(cases: dict, modules, x, grad_y, reps: int, warmup: int) -> dict:
@@ -102,7 +68,7 @@ def time_cases(cases: dict, modules, x, grad_y, reps: int, warmup: int) -> dict:
     times = {name: [] for name in cases}
     for rep in range(warmup + reps):
         for name, fn in cases.items():
-            _clear_grads(x, modules)
+            clear_grads(x, *modules)
             sync()
             start = time.perf_counter()
             fn(x).backward(grad_y)
