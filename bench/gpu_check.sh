@@ -8,8 +8,9 @@
 #
 #   OUT=/some/dir bash bench/gpu_check.sh
 #
-# Writes into $OUT (12 files): env_build.log pytest.log pytest.xml sanitizer.log bench.log
-# bench_bf16.json bench_fp16.json suite.log suite_gpu.json suite_gpu.md suite_gpu.png summary.json
+# Writes into $OUT (13 files): env_build.log pytest.log pytest.xml sanitizer.log bench.log
+# bench_bf16.json bench_fp16.json mixed_bf16.json suite.log suite_gpu.json suite_gpu.md suite_gpu.png
+# summary.json
 # (exit code and seconds of every step).
 set -uo pipefail
 
@@ -53,12 +54,14 @@ step build 240 "$ENV_LOG" build
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 tail -n 30 "$ENV_LOG"
 
-step pytest 150 "$OUT/pytest.log" "$PY" -m pytest tests/test_ops_cuda.py tests/test_sketch_cuda.py tests/test_ops.py -q \
+step pytest 150 "$OUT/pytest.log" "$PY" -m pytest tests/test_ops_cuda.py tests/test_sketch_cuda.py \
+  tests/test_adapters_cuda.py tests/test_ops.py -q \
   -p no:cacheprovider --junitxml="$OUT/pytest.xml"
 tail -n 25 "$OUT/pytest.log"
 
 # Every kernel and path once, on small odd shapes: fused (r <= 8) and cuBLAS (r > 8) ranks,
-# aligned and element-wise loads, all output masks.
+# aligned and element-wise loads, all output masks, edge sizes (T = 0, r = 1, out = 1, an odd in,
+# a strided x), the sketch ops, and mixed_linear with long runs (views) and short runs (gather).
 TINY="$(mktemp --suffix=.py)"
 cat >"$TINY" <<'PYEOF'
 import itertools
@@ -72,6 +75,19 @@ for dtype, (T, n_in, n_out, r) in itertools.product(
     y, s = torch.ops.giva.linear_forward(x, w, b, A, B, ls, lo)
     for mask in itertools.product((False, True), repeat=3):
         torch.ops.giva.linear_backward(t(T, n_out), s, w, A, B, ls, lo, list(mask))
+    ids = torch.randint(-1, 2, (T,), device="cuda")
+    for token_ids in (ids, ids.sort().values):
+        torch.ops.giva.mixed_linear(x, w, b, [A, A[:1]], [B, B[:, :1]], [ls, ls[:1]], [lo, lo], token_ids)
+for dtype, (T, n_in, n_out, r) in itertools.product(
+        (torch.float32, torch.float16), ((0, 16, 8, 2), (5, 13, 1, 1), (7, 33, 20, 1))):
+    t = lambda *s: torch.randn(*s, device="cuda", dtype=dtype)
+    x = t(n_in, T).t()  # strided
+    w, b, A, B, ls, lo = t(n_out, n_in), t(n_out), t(r, n_in), t(n_out, r), t(r), t(n_out)
+    y, s = torch.ops.giva.linear_forward(x, w, b, A, B, ls, lo)
+    torch.ops.giva.linear_backward(t(T, n_out), s, w, A, B, ls, lo, [True, True, True])
+    f32 = lambda *s: torch.randn(*s, device="cuda")
+    torch.ops.giva.sketch_update(x, t(T, n_out), f32(n_in, 3), f32(5, n_out), f32(n_out, 3), f32(5, n_in))
+torch.ops.giva.rsvd(torch.randn(40, 30, device="cuda"), torch.randn(30, 6, device="cuda"), 4, 2)
 torch.cuda.synchronize()
 print("tiny forward+backward done")
 PYEOF
@@ -93,6 +109,10 @@ step bench_bf16 90 "$OUT/bench.log" "$PY" bench/layer_overhead.py --device cuda 
 step bench_fp16 60 "$OUT/bench.log" "$PY" bench/layer_overhead.py --device cuda --dtype float16 \
   --shapes 8192x4096x4096 --ranks 8 --json "$OUT/bench_fp16.json"
 tail -n 30 "$OUT/bench.log"
+
+step mixed_bf16 40 "$OUT/bench.log" "$PY" bench/mixed_adapters.py --device cuda --dtype bfloat16 \
+  --dims 4096 --json "$OUT/mixed_bf16.json"
+tail -n 10 "$OUT/bench.log"
 
 # The pytest-benchmark suite, default size on the GPU (layers in bf16 and fp16, the MiniLM step and
 # init in bf16/fp32, memory), then its report. Peers whose package is missing here skip.
