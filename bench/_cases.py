@@ -56,13 +56,15 @@ class Size:
     init_batch: tuple[int, int]  # MiniLM batch of init_bases (INIT_BATCHES of them)
     init_n: tuple[int, ...]  # the n x n layers whose gradient the init benchmark sketches
     init_tokens: int  # tokens per gradient batch; INIT_BATCHES batches
+    mixed: tuple[int, int, int, int]  # mixed-adapter batch: (sequences, tokens each, adapters, in=out)
 
 
 SIZES = {
     # Smoke: tiny shapes, every test and peer runs (once, under --benchmark-disable).
     "quick": Size(layers=(LayerCase(64, 64, 32, 8), LayerCase(64, 176, 16, 32)),
                   warmup=1, min_rounds=1, max_rounds=1, budget_s=0.0,
-                  batch=(2, 16), init_batch=(2, 16), init_n=(64,), init_tokens=32),
+                  batch=(2, 16), init_batch=(2, 16), init_n=(64,), init_tokens=32,
+                  mixed=(4, 4, 2, 64)),
     # About 5 minutes on 2 idle CPU cores: every rank at 1024x1024 (T=2048), T from 512 to 8192
     # at r=8 and r=64, every rank at 4096x4096 and r=8 at 4096 -> 11008, both at T=512.
     "default": Size(layers=(*(LayerCase(1024, 1024, 2048, r) for r in RANKS),
@@ -70,12 +72,14 @@ SIZES = {
                             *(LayerCase(4096, 4096, 512, r) for r in RANKS),
                             LayerCase(4096, 11008, 512, 8)),
                     warmup=2, min_rounds=5, max_rounds=15, budget_s=0.5,
-                    batch=(16, 128), init_batch=(4, 128), init_n=(1024, 2048), init_tokens=512),
+                    batch=(16, 128), init_batch=(4, 128), init_n=(1024, 2048), init_tokens=512,
+                    mixed=(64, 32, 16, 1024)),
     # The whole grid (for a GPU; hours on a small CPU).
     "full": Size(layers=tuple(LayerCase(n_in, n_out, T, r) for n_in, n_out in SHAPES
                               for T in TOKENS for r in RANKS),
                  warmup=3, min_rounds=10, max_rounds=50, budget_s=1.0,
-                 batch=(32, 128), init_batch=(16, 128), init_n=(1024, 2048, 4096), init_tokens=2048),
+                 batch=(32, 128), init_batch=(16, 128), init_n=(1024, 2048, 4096), init_tokens=2048,
+                 mixed=(64, 128, 16, 4096)),
 }
 INIT_BATCHES = 4  # gradient batches of the init benchmarks (the demo's grad_batches)
 

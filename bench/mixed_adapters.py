@@ -41,7 +41,14 @@ def build_layer(dim: int, adapters: int, r: int, device, dtype) -> GiVALinear:
     return layer.requires_grad_(False)
 
 
+def row_adapters(sequences: int, adapters: int, seed: int = 0) -> list[str]:
+    """The adapter of each sequence: every adapter equally often, in shuffled order."""
+    order = torch.randperm(sequences, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [f"a{order[i] % adapters}" for i in range(sequences)]
+
+
 def build_cases(layer: GiVALinear, row_names: list[str], x: torch.Tensor) -> dict:
+    """name -> a call with no arguments running that case on x."""
     names = list(layer.adapters)
     rows = {n: torch.tensor([i for i, m in enumerate(row_names) if m == n], device=x.device) for n in names}
 
@@ -65,8 +72,8 @@ def build_cases(layer: GiVALinear, row_names: list[str], x: torch.Tensor) -> dic
         layer.set_adapter(names[0])
         return y
 
-    return {"frozen nn.Linear": layer.base, "single adapter": layer, "mixed op": mixed,
-            "loop over adapters": loop, "merge per adapter": merge_each}
+    return {"frozen nn.Linear": lambda: layer.base(x), "single adapter": lambda: layer(x),
+            "mixed op": mixed, "loop over adapters": loop, "merge per adapter": merge_each}
 
 
 def time_cases(cases: dict, x, reps: int, warmup: int) -> dict:
@@ -77,7 +84,7 @@ def time_cases(cases: dict, x, reps: int, warmup: int) -> dict:
         for name, fn in cases.items():
             sync()
             start = time.perf_counter()
-            fn() if not isinstance(fn, nn.Module) else fn(x)
+            fn()
             sync()
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)
@@ -103,9 +110,7 @@ def main(argv=None):
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    order = torch.randperm(args.sequences, generator=gen).tolist()
-    row_names = [f"a{order[i] % args.adapters}" for i in range(args.sequences)]
+    row_names = row_adapters(args.sequences, args.adapters)
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},

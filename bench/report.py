@@ -178,6 +178,21 @@ def train_table(rows: list[dict]) -> list[str]:
               "every method adapts the same 36 layers and trains nothing else."]
 
 
+def mixed_table(rows: list[dict]) -> list[str]:
+    found = by_method(rows, "mixed")
+    if not found:
+        return []
+    first = next(iter(found.values()))
+    body = [[row["label"], ms(row["median"]), ms(row.get("floor_median_s")), fmt(overhead(row, None))]
+            for row in found.values()]
+    return [f"## Mixed-adapter batch ({first['sequences']} sequences × {first['seq_len']} tokens over "
+            f"{first['adapters']} adapters of rank {first['r']}, {first['n_in']}×{first['n_out']}, "
+            f"{first['dtype']}, forward)\n\n"
+            + table(["method", "ms", "single adapter ms", "÷ single adapter"], body)
+            + "\n\nEach method is timed in alternation with the whole batch on one adapter; the "
+              "mixed op's target is at most 1.2× that."]
+
+
 def init_tables(rows: list[dict]) -> list[str]:
     out = []
     layer = [r for r in rows if r.get("bench") == "init-layer"]
@@ -286,8 +301,8 @@ def plot(rows: list[dict], details: dict, path: Path) -> str | None:
 
 def render(details: dict, rows: list[dict]) -> str:
     timed = any(r["median"] is not None for r in rows)
-    sections = [header(details, timed), *layer_tables(rows), *train_table(rows), *init_tables(rows),
-                *layer_memory_table(rows), *file_table(rows)]
+    sections = [header(details, timed), *layer_tables(rows), *train_table(rows), *mixed_table(rows),
+                *init_tables(rows), *layer_memory_table(rows), *file_table(rows)]
     return "\n\n".join(sections) + "\n"
 
 
