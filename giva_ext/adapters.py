@@ -172,8 +172,9 @@ def mixed_adapters(model: nn.Module, adapters: Sequence[str | None] | torch.Tens
     try:
         for layer in layers.values():
             # This layer's index of each model adapter (-1 where it lacks one), looked up per row.
-            local = [list(layer.adapters).index(n) if n in layer.adapters else -1 for n in names]
-            lookup = torch.tensor([-1, *local], dtype=torch.long, device=ids.device)
+            position = {n: i for i, n in enumerate(layer.adapters)}
+            lookup = torch.tensor([-1, *(position.get(n, -1) for n in names)], dtype=torch.long,
+                                  device=ids.device)
             layer.mixed_row_ids = lookup[ids + 1]
         yield model
     finally:

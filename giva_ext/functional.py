@@ -66,9 +66,10 @@ def mixed_giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, row_ids):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     token_ids = row_ids.repeat_interleave(x2.shape[0] // x.shape[0]) if x.shape[0] else row_ids
-    dtype = x.dtype
-    args = (x2, weight.to(dtype), None if bias is None else bias.to(dtype),
-            [t.to(dtype) for t in A], [t.to(dtype) for t in B],
-            [t.to(dtype) for t in lambda_s], [t.to(dtype) for t in lambda_o], token_ids)
+    def cast(tensors):  # serving calls this per layer and step: skip the no-op casts of 4n tensors
+        return [t if t.dtype == x.dtype else t.to(x.dtype) for t in tensors]
+
+    args = (x2, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
+            cast(A), cast(B), cast(lambda_s), cast(lambda_o), token_ids)
     y = (torch.ops.giva.mixed_linear(*args) if ops.supports_mixed(x2) else reference.mixed_linear(*args))
     return y.reshape(*lead, y.shape[-1])

@@ -115,10 +115,13 @@ at::Tensor mixed_linear_thin(const at::Tensor& x, const at::Tensor& weight,
   // row to the same L1 sets).
   std::vector<std::vector<float>> a_s(A.size()), b_oT(A.size());
   std::vector<std::tuple<int64_t, int64_t, int64_t>> runs;  // (adapter or -1, begin, end)
+  std::vector<int64_t> busy;                                // adapters with rows
   for (size_t g = 0; g < groups.size(); ++g) {
     for (const auto& [begin, end] : groups[g]) runs.emplace_back(static_cast<int64_t>(g) - 1, begin, end);
-    if (g == 0 || groups[g].empty()) continue;
-    const auto i = g - 1;
+    if (g > 0 && !groups[g].empty()) busy.push_back(static_cast<int64_t>(g) - 1);
+  }
+  const auto fold = [&](int64_t i) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd_here;  // thread-local: each worker sets it
     const int64_t r = A[i].size(0);
     const auto a = A[i].contiguous(), b = B[i].contiguous();
     const auto l_s = lambda_s[i].contiguous(), l_o = lambda_o[i].contiguous();
@@ -127,10 +130,14 @@ at::Tensor mixed_linear_thin(const at::Tensor& x, const at::Tensor& weight,
     a_s[i].resize(r * (in + 16));
     b_oT[i].resize(r * (out + 16));
     for (int64_t j = 0; j < r; ++j) {
-      for (int64_t k = 0; k < in; ++k) a_s[i][j * (in + 16) + k] = ad[j * in + k] * lsd[j];
+      for (int64_t c = 0; c < in; ++c) a_s[i][j * (in + 16) + c] = ad[j * in + c] * lsd[j];
       for (int64_t o = 0; o < out; ++o) b_oT[i][j * (out + 16) + o] = bd[o * r + j] * lod[o];
     }
-  }
+  };
+  // Folding costs as much as the adapter's arithmetic on a few rows (decoding): in parallel too.
+  at::parallel_for(0, static_cast<int64_t>(busy.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) fold(busy[k]);
+  });
   const float* x_data = xc.const_data_ptr<float>();
   float* y_data = y.mutable_data_ptr<float>();
   const float* bias_data = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
