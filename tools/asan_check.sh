@@ -13,6 +13,9 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
+# The build and the tests run in a temporary folder: a relative path must not stay relative
+# (-s keeps a virtual environment's python link, whose target would lose the environment).
+case "$PY" in */*) PY="$(realpath -s "$PY")" ;; esac
 export MAX_JOBS="${MAX_JOBS:-2}"
 LIBASAN="$(gcc -print-file-name=libasan.so)"
 [ -f "$LIBASAN" ] || { echo "asan_check: libasan.so not found (install gcc's libasan)" >&2; exit 1; }
