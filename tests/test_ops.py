@@ -14,8 +14,11 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ops._HAS_KERNEL["
 # and (301, 100, 333, 20) the tails of the fp32 SIMD kernels (odd rows, K % 16, columns past the
 # 64- and 16-wide tiles, an r with a 16-wide part and a dot-product rest); (150, 40, 300, 13) runs
 # M = g^T s through its 8-, 4- and 1-row groups of m with a last panel narrower than one vector.
+# (90, 130, 100, 72) and (600, 130, 100, 72): a rank past the SIMD kernels' (plain GEMMs), folded
+# and merged.
 SHAPES = [(1, 8, 8, 1), (5, 37, 23, 4), (0, 16, 12, 2), (3000, 24, 520, 3), (200, 48, 40, 32),
-          (1100, 24, 2100, 3), (301, 100, 333, 20), (150, 40, 300, 13)]
+          (1100, 24, 2100, 3), (301, 100, 333, 20), (150, 40, 300, 13), (90, 130, 100, 72),
+          (600, 130, 100, 72)]
 
 
 def make(T, n_in, n_out, r, dtype=torch.float64, device="cpu", bias=True, seed=0):
@@ -65,7 +68,8 @@ def test_matches_reference(device, dtype, tol, shape, bias):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16] + ([torch.float16] if DEVICES[-1] == "cuda" else []))
-@pytest.mark.parametrize("shape", [(5, 37, 23, 4), (3000, 24, 520, 3), (256, 512, 256, 16), (200, 48, 40, 32)])
+@pytest.mark.parametrize("shape", [(5, 37, 23, 4), (3000, 24, 520, 3), (256, 512, 256, 16), (200, 48, 40, 32),
+                                   (90, 130, 100, 72)])
 def test_low_precision_within_twice_composite_error(device, dtype, shape):
     """The kernel's error against an fp32 reference is at most 2x that of the same-precision composite."""
     if dtype == torch.float16 and device == "cpu":
