@@ -9,6 +9,7 @@ import functools
 import importlib.metadata
 import math
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -404,3 +405,46 @@ def minilm_optimizer(model: nn.Module):
     """AdamW on what trains; None for the floor (nothing trains)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0) if params else None
+
+
+# ------------------------------------------------------------- the standalone scripts' plumbing
+
+def add_script_options(parser) -> None:
+    """The options every standalone benchmark script (layer_overhead.py, mixed_adapters.py) takes."""
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (cpu device only)")
+    parser.add_argument("--json", help="write the results here")
+
+
+def script_setup(args) -> tuple[torch.device, torch.dtype, dict]:
+    """(device, dtype, the report's header) for a script's parsed options; pins threads and seed."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    report = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+              "torch": torch.__version__, "device": args.device, "dtype": args.dtype,
+              "threads": torch.get_num_threads(), "results": []}
+    return device, dtype, report
+
+
+def interleaved_medians(calls: dict[str, Callable[[], object]], device: torch.device, reps: int,
+                        warmup: int, before: Callable[[], object] = lambda: None) -> dict[str, float]:
+    """Median seconds per call, repetitions interleaved across the calls so machine noise hits them
+    alike; ``before`` runs untimed ahead of each call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {name: [] for name in calls}
+    for rep in range(warmup + reps):
+        for name, call in calls.items():
+            before()
+            sync()
+            start = time.perf_counter()
+            call()
+            sync()
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
 
 import torch
 from torch import nn
 
-from _cases import ReferenceGiVA, clear_grads, layer_peer, native_supported, saved_bytes
+from _cases import (ReferenceGiVA, add_script_options, clear_grads, interleaved_medians, layer_peer,
+                    native_supported, saved_bytes, script_setup)
 from giva_ext import ops
 
 try:
@@ -62,46 +60,16 @@ def saved_mib(fn, x, grad_y, modules) -> float:
     return nbytes / 2**20
 
 
-def time_cases(cases: dict, modules, x, grad_y, reps: int, warmup: int) -> dict:
-    """Median seconds of forward+backward per case, repetitions interleaved across cases."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    times = {name: [] for name in cases}
-    for rep in range(warmup + reps):
-        for name, fn in cases.items():
-            clear_grads(x, *modules)
-            sync()
-            start = time.perf_counter()
-            fn(x).backward(grad_y)
-            sync()
-            if rep >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_script_options(parser)
     parser.add_argument("--shapes", nargs="+", type=parse_shape,
                         default=[(2048, 1024, 1024), (1024, 4096, 4096)], help="TxINxOUT")
     parser.add_argument("--ranks", nargs="+", type=int, default=[8, 64])
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (cpu device only)")
-    parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-        "torch": torch.__version__, "device": args.device, "dtype": args.dtype,
-        "threads": torch.get_num_threads(), "native": ops.HAS_NATIVE,
-        "peft": None if peft is None else peft.__version__, "results": [],
-    }
+    device, dtype, report = script_setup(args)
+    report.update(native=ops.HAS_NATIVE, peft=None if peft is None else peft.__version__)
     print(f"torch {torch.__version__}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "
           f"native op: {ops.supports(torch.empty(0, device=device, dtype=dtype))}")
     for T, n_in, n_out in args.shapes:
@@ -110,7 +78,9 @@ def main(argv=None):
         grad_y = torch.randn(T, n_out, device=device, dtype=dtype)
         for r in args.ranks:
             cases, modules = build_cases(base, r, device)
-            medians = time_cases(cases, modules, x, grad_y, args.reps, args.warmup)
+            calls = {name: (lambda fn=fn: fn(x).backward(grad_y)) for name, fn in cases.items()}
+            medians = interleaved_medians(calls, device, args.reps, args.warmup,
+                                          before=lambda: clear_grads(x, *modules))
             floor = medians["nn.Linear (floor)"]
             print(f"\nT={T}, {n_in}x{n_out}, r={r}")
             print(f"  {'case':<20}{'ms':>10}{'ratio':>8}{'saved MiB':>11}")

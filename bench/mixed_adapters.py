@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _cases import add_script_options, interleaved_medians, script_setup
 from giva_ext import GiVALinear, mixed_adapters, ops
 
 
@@ -76,49 +74,20 @@ def build_cases(layer: GiVALinear, row_names: list[str], x: torch.Tensor) -> dic
             "mixed op": mixed, "loop over adapters": loop, "merge per adapter": merge_each}
 
 
-def time_cases(cases: dict, x, reps: int, warmup: int) -> dict:
-    """Median seconds per forward, repetitions interleaved across cases."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    times = {name: [] for name in cases}
-    for rep in range(warmup + reps):
-        for name, fn in cases.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            if rep >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_script_options(parser)
     parser.add_argument("--sequences", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--adapters", type=int, default=16)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--dims", nargs="+", type=int, default=[1024, 4096])
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (cpu device only)")
-    parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    device, dtype, report = script_setup(args)
     row_names = row_adapters(args.sequences, args.adapters)
-    report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-        "torch": torch.__version__, "device": args.device, "dtype": args.dtype,
-        "threads": torch.get_num_threads(), "native": ops.supports_mixed(torch.empty(0, device=device, dtype=dtype)),
-        "sequences": args.sequences, "seq_len": args.seq_len, "adapters": args.adapters, "r": args.r,
-        "results": [],
-    }
+    report.update(native=ops.supports_mixed(torch.empty(0, device=device, dtype=dtype)),
+                  sequences=args.sequences, seq_len=args.seq_len, adapters=args.adapters, r=args.r)
     print(f"torch {torch.__version__}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "
           f"native mixed op: {report['native']}; {args.sequences} sequences x {args.seq_len} tokens "
           f"over {args.adapters} adapters of rank {args.r}")
@@ -126,7 +95,7 @@ def main(argv=None):
         for dim in args.dims:
             layer = build_layer(dim, args.adapters, args.r, device, dtype)
             x = torch.randn(args.sequences, args.seq_len, dim, device=device, dtype=dtype)
-            medians = time_cases(build_cases(layer, row_names, x), x, args.reps, args.warmup)
+            medians = interleaved_medians(build_cases(layer, row_names, x), device, args.reps, args.warmup)
             single = medians["single adapter"]
             print(f"\n{dim}x{dim} (T = {args.sequences * args.seq_len})")
             print(f"  {'case':<20}{'ms':>10}{'vs single':>11}")

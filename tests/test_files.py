@@ -16,19 +16,11 @@ from torch import nn
 import giva_ext as g
 from giva_ext import serialization as ser
 from giva_ext.serialization import CONFIG_NAME, METADATA_KEY, WEIGHTS_NAME
-from test_model import Net, randomize
+from test_model import Net
+from test_serialization import adapted
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-
-
-def adapted(seed=0):
-    torch.manual_seed(seed)
-    model = g.apply_giva(Net(), g.GiVAConfig(r=3, modules_to_save=["classifier"], seed=seed))
-    randomize(model)
-    with torch.no_grad():
-        model.classifier.weight.add_(1.0)
-    return model
 
 
 def fresh_base():
