@@ -1,6 +1,8 @@
-// CPU registration of giva::mixed_linear (the shared implementation is in mixed.h), with a per-row
-// kernel for rows in short runs: a row's adapter term is r dot products over in and r axpys over
-// out, far below what a GEMM call per run or a gather costs at a few rows.
+// CPU registration of giva::mixed_linear. fp32 on CPUs where the SIMD thin kernels are fast runs
+// every run of rows through them (mixed_linear_thin); other dtypes and CPUs take the shared
+// implementation of mixed.h with a per-row kernel for rows in short runs: a row's adapter term is
+// r dot products over in and r axpys over out, far below what a GEMM call per run or a gather
+// costs at a few rows.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
