@@ -43,7 +43,11 @@ def linear_backward(grad_y, s, weight, A, B, lambda_s, lambda_o, output_mask=(Tr
 
 def mixed_linear(x, weight, bias, A, B, lambda_s, lambda_o, token_ids):
     """y = x W^T + bias, plus on each row t the adapter token_ids[t] (-1: none) of the lists A, B,
-    lambda_s, lambda_o (one entry per adapter; ranks may differ). Each adapter runs on its rows."""
+    lambda_s, lambda_o (one entry per adapter; ranks may differ). Each adapter runs on its rows.
+    (The native op checks the ids itself; this is the one other path they reach.)"""
+    if token_ids.numel() and not -1 <= int(token_ids.min()) <= int(token_ids.max()) < len(A):
+        raise ValueError(f"adapter ids must be in [-1, {len(A)}) for {len(A)} adapters, got ids from "
+                         f"{int(token_ids.min())} to {int(token_ids.max())}")
     y = F.linear(x, weight, bias)
     for i, adapter in enumerate(zip(A, B, lambda_s, lambda_o)):
         rows = (token_ids == i).nonzero().squeeze(1)

@@ -299,6 +299,12 @@ def test_mixed_op_opcheck():
     torch.library.opcheck(torch.ops.giva.mixed_linear, op_args(40, 12, 10, [2, 3], torch.float32, bias=False))
 
 
+def test_reference_refuses_ids_out_of_range():
+    x, w, b, A, B, ls, lo, _ = op_args(4, 8, 5, [2, 3], torch.float32)
+    with pytest.raises(ValueError, match=r"adapter ids must be in \[-1, 2\)"):
+        reference.mixed_linear(x, w, b, A, B, ls, lo, torch.tensor([0, 1, 2, -1]))
+
+
 @needs_native
 def test_mixed_op_bad_input_names_the_argument():
     x, w, b, A, B, ls, lo, ids = op_args(6, 8, 5, [2, 3], torch.float32)
