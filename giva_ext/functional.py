@@ -21,14 +21,18 @@ def giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, dropout: float = 0.0,
     reference runs (same math, same saved tensors) or, for dropout or trainable frozen tensors, the
     plain autograd composite.
     """
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     dtype = x.dtype
-    weight, A, B = weight.to(dtype), A.to(dtype), B.to(dtype)
-    lambda_s, lambda_o = lambda_s.to(dtype), lambda_o.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    frozen_need_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (weight, bias, A, B))
+    # Per layer and step: skip the no-op casts (a Python round trip each).
+    if weight.dtype != dtype:
+        weight = weight.to(dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    if A.dtype != dtype or B.dtype != dtype or lambda_s.dtype != dtype or lambda_o.dtype != dtype:
+        A, B, lambda_s, lambda_o = A.to(dtype), B.to(dtype), lambda_s.to(dtype), lambda_o.to(dtype)
+    frozen_need_grad = torch.is_grad_enabled() and (
+        weight.requires_grad or A.requires_grad or B.requires_grad
+        or (bias is not None and bias.requires_grad))
     use_dropout = training and dropout > 0.0
     if frozen_need_grad or use_dropout:
         adapter_input = F.dropout(x2, dropout, training=True) if use_dropout else x2
@@ -37,7 +41,7 @@ def giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, dropout: float = 0.0,
         y = ops.linear(x2, weight, bias, A, B, lambda_s, lambda_o)
     else:
         y = reference.linear(x2, weight, bias, A, B, lambda_s, lambda_o)
-    return y.reshape(*lead, y.shape[-1])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def mixed_giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, row_ids):
