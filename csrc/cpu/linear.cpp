@@ -16,10 +16,12 @@
 // y error stays below the bf16 composite's (which rounds x W^T on its own), so both dtypes share
 // the rules.
 //
-// The thin products and M run per cache-sized block of rows (x or g read once, while hot), in
-// parallel over blocks. In fp32 they are the SIMD kernels of thin_kernels.h (BLAS runs these
-// shapes far below GEMM speed); other dtypes use ATen, bfloat16 accumulating u, M and the lambda
-// gradients in fp32.
+// On the SIMD path (simd_path(): fp32, r <= 64, an AVX-512 CPU) the thin products and M run per
+// cache-sized block of rows (x or g read once, while hot), in parallel over blocks, through the
+// kernels of thin_kernels.h (BLAS runs these shapes far below GEMM speed). Elsewhere (bfloat16,
+// float64, wider ranks, other CPUs) every product is one whole-tensor ATen GEMM, and the fold adds
+// the adapter's term after the base GEMM instead of before; bf16 GEMMs accumulate in fp32 and
+// round once, as the composite does. The lambda gradients are formed in fp32 (fp64 for fp64).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -59,28 +61,27 @@ bool merge_backward(int64_t T, int64_t out) { return out <= T; }
 // one, ATen 1.2x).
 constexpr int64_t kSimdMaxRank = 64;
 
-// The SIMD kernels take fp32 matrices with unit column stride (any row stride), on CPUs where
-// they are fast.
-bool simd_ok(const at::Tensor& t) {
-  return cpu::thin_kernels_fast() && t.scalar_type() == at::kFloat &&
-         (t.stride(1) == 1 || t.size(1) <= 1);
+// Whether the adapter's products run blocked, through the fp32 SIMD kernels (fp32, a thin rank,
+// a CPU where they are fast). Elsewhere they run as whole-tensor ATen GEMMs: per-block ATen calls
+// of thin shapes are slow (bfloat16, T=2048, 1024x1024, r=8: a blocked forward took 6.1 ms, whole
+// GEMMs 4.3 ms, the frozen layer 3.9 ms).
+bool simd_path(at::ScalarType dtype, int64_t r) {
+  return dtype == at::kFloat && r <= kSimdMaxRank && cpu::thin_kernels_fast();
 }
 
 // A copy of a small fp32 matrix with each row padded by 64 bytes: rows of a power-of-two width
 // would otherwise all map to the same L1 sets when a SIMD tile reads them at one column.
 at::Tensor padded(const at::Tensor& t) {
-  if (t.scalar_type() != at::kFloat) return t.contiguous();
   return at::empty({t.size(0), t.size(1) + 16}, t.options()).narrow(1, 0, t.size(1)).copy_(t);
 }
+
+// The helpers below run the SIMD kernels on fp32 matrices with unit column stride (any row
+// stride), under simd_path().
 
 // s = x w, for a thin w (K x r) given in both layouts (w and wT = w^T). The first r - r % 16
 // columns of s run as a rank-K update vectorised along r (FMA-bound), the rest as dot products
 // along K (the rows of x stream through once).
 void thin_product(const at::Tensor& x, const at::Tensor& w, const at::Tensor& wT, at::Tensor s) {
-  if (!(s.size(1) <= kSimdMaxRank && simd_ok(x) && simd_ok(w) && simd_ok(wT) && simd_ok(s))) {
-    at::mm_out(s, x.to(s.scalar_type()), w.to(s.scalar_type()));
-    return;
-  }
   const int64_t n = x.size(0), K = x.size(1), r = s.size(1), r16 = r - r % 16;
   if (r16 > 0)
     cpu::rank_update(n, r16, K, x.const_data_ptr<float>(), x.stride(0), w.const_data_ptr<float>(),
@@ -94,38 +95,28 @@ void thin_product(const at::Tensor& x, const at::Tensor& w, const at::Tensor& wT
 // out = init + c b, a rank-K update (K = c.size(1), small). init: undefined (zeros) or of out's
 // shape (a bias row expanded with stride 0, or W).
 void rank_update(at::Tensor out, const at::Tensor& c, const at::Tensor& b, const at::Tensor& init) {
-  if (c.size(1) <= kSimdMaxRank && simd_ok(out) && simd_ok(b) && simd_ok(c) &&
-      (!init.defined() || simd_ok(init))) {
-    cpu::rank_update(out.size(0), out.size(1), c.size(1), c.const_data_ptr<float>(), c.stride(0),
-                     b.const_data_ptr<float>(), b.stride(0),
-                     init.defined() ? init.const_data_ptr<float>() : nullptr,
-                     init.defined() ? init.stride(0) : 0, out.mutable_data_ptr<float>(),
-                     out.stride(0));
-    return;
-  }
-  const auto cc = c.to(out.scalar_type()), bc = b.to(out.scalar_type());
-  if (!init.defined()) at::mm_out(out, cc, bc);
-  else at::addmm_out(out, init, cc, bc);
+  cpu::rank_update(out.size(0), out.size(1), c.size(1), c.const_data_ptr<float>(), c.stride(0),
+                   b.const_data_ptr<float>(), b.stride(0),
+                   init.defined() ? init.const_data_ptr<float>() : nullptr,
+                   init.defined() ? init.stride(0) : 0, out.mutable_data_ptr<float>(),
+                   out.stride(0));
 }
 
-// m += s^T g (m: r x out, the accumulator dtype).
+// m += s^T g (m: r x out).
 void accumulate_outer(at::Tensor m, const at::Tensor& s, const at::Tensor& g) {
-  if (m.size(0) <= kSimdMaxRank && simd_ok(m) && simd_ok(s) && simd_ok(g)) {
-    cpu::accumulate_outer(m.size(0), m.size(1), s.size(0), s.const_data_ptr<float>(), s.stride(0),
-                          g.const_data_ptr<float>(), g.stride(0), m.mutable_data_ptr<float>(),
-                          m.stride(0));
-    return;
-  }
-  m.addmm_(s.to(m.scalar_type()).t(), g.to(m.scalar_type()));
+  cpu::accumulate_outer(m.size(0), m.size(1), s.size(0), s.const_data_ptr<float>(), s.stride(0),
+                        g.const_data_ptr<float>(), g.stride(0), m.mutable_data_ptr<float>(),
+                        m.stride(0));
 }
 
-// Whether M^T = s^T g runs as per-thread partials accumulated block by block (accumulate_outer,
-// fused with the other passes over g) rather than as one GEMM: only while a thread's r x out
-// partial stays in L2 beside the block of g. Measured against the GEMM (T = 512-8192): 0.8x at
-// r = 8, out = 1024-4096 and r = 16, out = 1024; 1.1-1.5x at r >= 32 or r x out x 4 > 128 KiB.
-bool m_in_blocks(int64_t r, int64_t out, int64_t acc_size) {
+// Whether, on the SIMD path, M^T = s^T g runs as per-thread partials accumulated block by block
+// (accumulate_outer, fused with the other passes over g) rather than as one GEMM: while a thread's
+// r x out partial stays in L2 beside the block of g. Measured against the GEMM (T = 512-8192):
+// 0.8x at r = 8, out = 1024-4096 and r = 16, out = 1024; 1.1-1.5x at r >= 32 or r x out x 4 >
+// 128 KiB.
+bool m_in_blocks(int64_t r, int64_t out) {
   constexpr int64_t kMaxPartialBytes = 128 << 10;
-  return r <= 16 && r * out * acc_size <= kMaxPartialBytes;
+  return r <= 16 && r * out * static_cast<int64_t>(sizeof(float)) <= kMaxPartialBytes;
 }
 
 // Rows per block so that a block of a T-sized operand (`width` wide) stays in L2.
@@ -149,14 +140,17 @@ void for_row_blocks(int64_t T, int64_t rows, const F& body) {
   });
 }
 
-// W_eff = W + B'' A', in parallel over blocks of W's rows.
+// W_eff = W + B'' A': one GEMM, or on the SIMD path in parallel over blocks of W's rows.
 at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
                          const at::Tensor& lambda_s, const at::Tensor& lambda_o) {
-  const auto B_o = B * lambda_o.unsqueeze(1), A_s = padded(A * lambda_s.unsqueeze(1));
-  auto w_eff = at::empty(weight.sizes(), weight.options());
-  for_row_blocks(weight.size(0), block_rows(weight.size(1), weight.element_size()),
-                 [&](int64_t b0, int64_t n) {
-    rank_update(w_eff.narrow(0, b0, n), B_o.narrow(0, b0, n), A_s, weight.narrow(0, b0, n));
+  const auto B_o = B * lambda_o.unsqueeze(1);
+  if (!simd_path(weight.scalar_type(), A.size(0)))
+    return at::addmm(weight, B_o, A * lambda_s.unsqueeze(1));
+  const auto A_s = padded(A * lambda_s.unsqueeze(1));
+  const auto w = weight.contiguous();
+  auto w_eff = at::empty(w.sizes(), w.options());
+  for_row_blocks(w.size(0), block_rows(w.size(1), w.element_size()), [&](int64_t b0, int64_t n) {
+    rank_update(w_eff.narrow(0, b0, n), B_o.narrow(0, b0, n), A_s, w.narrow(0, b0, n));
   });
   return w_eff;
 }
@@ -171,21 +165,21 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(
   const int64_t T = x.size(0), in = x.size(1), out = weight.size(0), r = A.size(0);
   const auto xc = x.contiguous();
   const bool merged = merge_forward(T, in, out, r);
-  if (!merged && r > kSimdMaxRank) {  // a wide adapter: its products are GEMMs, run as such
-    const auto acc = acc_type(x.scalar_type());
+  const auto acc = acc_type(x.scalar_type());
+  if (!simd_path(x.scalar_type(), r)) {
     auto s = at::mm(xc, A.t());
-    auto y = has_bias ? at::addmm(*bias_opt, xc, weight.t()) : at::mm(xc, weight.t());
-    y.addmm_(s, (B.to(acc) * lambda_o.to(acc).unsqueeze(1) * lambda_s.to(acc)).t().to(x.scalar_type()));
+    const auto w = merged ? merged_weight(weight, A, B, lambda_s, lambda_o) : weight;
+    auto y = has_bias ? at::addmm(*bias_opt, xc, w.t()) : at::mm(xc, w.t());
+    if (!merged)
+      y.addmm_(s, (B.to(acc) * lambda_o.to(acc).unsqueeze(1) * lambda_s.to(acc)).t().to(x.scalar_type()));
     return {y, s};
   }
 
   // s = x A^T with A in both layouts; and for the fill (B'' diag(lambda_s))^T (r, out), so that
   // y's adapter term is s times it and s itself is never scaled.
   const auto A_c = A.contiguous(), AT = A.t().contiguous();
-  const auto acc = acc_type(x.scalar_type());
-  const auto BT = merged ? at::Tensor()
-                         : padded((B.to(acc) * lambda_o.to(acc).unsqueeze(1) * lambda_s.to(acc))
-                                      .t().to(x.scalar_type()));
+  const auto BT = merged ? at::Tensor() : padded((B * lambda_o.unsqueeze(1) * lambda_s).t());
+  const auto bias = has_bias ? bias_opt->contiguous() : at::Tensor();
   auto s = at::empty({T, r}, x.options());
   auto y = at::empty({T, out}, x.options());
   for_row_blocks(T, block_rows(in, x.element_size()), [&](int64_t b0, int64_t n) {
@@ -193,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(
     thin_product(xc.narrow(0, b0, n), AT, A_c, s_blk);
     if (!merged)
       rank_update(y.narrow(0, b0, n), s_blk, BT,
-                  has_bias ? bias_opt->unsqueeze(0).expand({n, out}) : at::Tensor());
+                  has_bias ? bias.unsqueeze(0).expand({n, out}) : at::Tensor());
   });
   if (merged) {
     const auto w_eff = merged_weight(weight, A, B, lambda_s, lambda_o);
@@ -274,8 +268,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
   const auto dtype = grad_y.scalar_type();
   const auto acc = acc_type(dtype);
   const bool merged = merge_backward(T, out);
-  const bool wide = r > kSimdMaxRank;  // the adapter's products are GEMMs: run them as such
-  const bool fill_x = need_x && !merged && !wide;
+  const bool simd = simd_path(dtype, r);
+  const bool fill_x = need_x && !merged && simd;
   const auto g = grad_y.contiguous();
   const auto sc = s.contiguous();
   const auto B_acc = B.to(acc);
@@ -289,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
   const auto B_oT = fill_x ? B_o.t().contiguous() : at::Tensor();
   const auto A_s = fill_x ? padded(A * lambda_s.unsqueeze(1)) : at::Tensor();
   // One partial M^T = s^T g (r, out) per thread, summed after the loop.
-  const bool lambda_blocks = need_lambda && m_in_blocks(r, out, c10::elementSize(acc));
+  const bool lambda_blocks = need_lambda && simd && m_in_blocks(r, out);
   const auto M_parts = lambda_blocks
                            ? at::zeros({at::get_num_threads(), r, out}, g.options().dtype(acc))
                            : at::Tensor();
@@ -306,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
   }
   if (fill_x) grad_x.addmm_(g, weight);
   if (need_x && merged) at::mm_out(grad_x, g, merged_weight(weight, A, B, lambda_s, lambda_o));
-  if (need_x && wide && !merged) {
+  if (need_x && !simd && !merged) {
     at::mm_out(grad_x, g, weight);
     const auto u = at::mm(g, (B_acc * lambda_o_acc.unsqueeze(1)).to(dtype));
     grad_x.addmm_(u, (A.to(acc) * lambda_s_acc.unsqueeze(1)).to(dtype));
