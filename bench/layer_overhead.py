@@ -10,6 +10,12 @@ ratio to the floor is the figure to read, not the absolute time.  Cases: the fro
 pure-PyTorch reference, the unfused autograd composite, a plain-PyTorch LoRA, and PEFT LoRA / VeRA
 of the same rank (dropout 0, the layer's dtype) when peft is installed; built as in the pytest
 suite (bench/_cases.py).  "saved MiB" is what autograd keeps for backward beyond parameters and buffers.
+
+Below each table, "one pass over a T x in tensor" is what reading such a tensor costs right after
+the frozen layer's GEMM (a sum over a tensor of x's size that the GEMM did not touch), as a
+fraction of the floor: the adapter reads x once more in the forward (s = x A^T) and grad_y once
+more in the backward (M = grad_y^T s), and rebuilds W_eff (a read and a write of W) when it merges,
+so a few such passes bound how close to 1 an adapter on top of a black-box GEMM can get.
 """
 from __future__ import annotations
 
@@ -60,6 +66,16 @@ def saved_mib(fn, x, grad_y, modules) -> float:
     return nbytes / 2**20
 
 
+def pass_cost(base: nn.Linear, x: torch.Tensor, device, reps: int, warmup: int) -> float:
+    """Median seconds to read a tensor of x's size that the frozen layer's forward did not touch,
+    timed right after that forward (the state an adapter's extra pass meets)."""
+    probe = torch.randn_like(x, requires_grad=False)
+    x0 = x.detach()
+    with torch.no_grad():
+        return interleaved_medians({"pass": probe.sum}, device, reps, warmup,
+                                   before=lambda: base(x0))["pass"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_script_options(parser)
@@ -69,7 +85,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     device, dtype, report = script_setup(args)
-    report.update(native=ops.HAS_NATIVE, peft=None if peft is None else peft.__version__)
+    report.update(native=ops.HAS_NATIVE, peft=None if peft is None else peft.__version__, passes=[])
     print(f"torch {torch.__version__}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "
           f"native op: {ops.supports(torch.empty(0, device=device, dtype=dtype))}")
     for T, n_in, n_out in args.shapes:
@@ -90,6 +106,13 @@ def main(argv=None):
                 report["results"].append({"T": T, "in": n_in, "out": n_out, "r": r, "case": name,
                                           "median_s": seconds, "ratio": seconds / floor,
                                           "saved_mib": mib})
+        pass_s = pass_cost(base, x, device, args.reps, args.warmup)
+        floor = next(row["median_s"] for row in reversed(report["results"])
+                     if row["case"] == "nn.Linear (floor)")
+        print(f"  one pass over a T x in tensor after the GEMM: {pass_s * 1e3:.2f} ms "
+              f"({pass_s / floor:.3f} of the floor)")
+        report["passes"].append({"T": T, "in": n_in, "out": n_out, "pass_s": pass_s,
+                                 "of_floor": pass_s / floor})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
