@@ -530,8 +530,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
       grad_x = at::mm(u * lambda_s, A);
     }
     if (need_lambda) {
-      // M in g's dtype, as the same-precision composite computes it; the lambda sums run in fp32.
-      const auto MB = at::mm(g.t(), s).to(at::kFloat) * B.to(at::kFloat);
+      // M in g's dtype, as the same-precision composite computes it, except in fp16: M sums T
+      // products and can pass fp16's 65504 (the rank <= 8 kernel keeps M in fp32 throughout).
+      // The lambda sums run in fp32.
+      const auto M = dtype == at::kHalf ? at::mm(g.t().to(at::kFloat), s.to(at::kFloat))
+                                        : at::mm(g.t(), s).to(at::kFloat);
+      const auto MB = M * B.to(at::kFloat);
       if (need_s) grad_s = MB.t().mv(lambda_o.to(at::kFloat)).to(dtype);
       if (need_o) grad_o = MB.mv(lambda_s.to(at::kFloat)).to(dtype);
     }
