@@ -152,17 +152,19 @@ def test_init_refuses_a_gradient_sum_that_overflows(svd):
                  huge_gradient, svd=svd)
 
 
-def test_init_finiteness_screen_is_only_a_shortcut(monkeypatch):
+def test_finiteness_screen_is_only_a_shortcut(monkeypatch):
     """The one-sum screen: NaN or Inf always trips it, and finite values whose sum overflows may too
-    (a false alarm); init then checks element by element, so the bases are the same as when the
-    screen passes."""
+    (a false alarm); init and check_finite then look element by element, so nothing is refused that
+    is finite, and init's bases are the same as when the screen passes."""
     from giva_ext import init as init_module
-    screen = init_module._maybe_non_finite
+    screen = init_module.maybe_non_finite
     big = torch.tensor([3e38, 3e38])
     assert screen([torch.ones(3), big]) and not torch.isfinite(big.sum())  # finite, yet flagged
     assert screen([torch.ones(3), torch.tensor([1.0, float("nan")])])
     assert screen([torch.tensor([float("inf"), -float("inf")])])
     assert not screen([torch.ones(3).bfloat16(), None, torch.empty(0)]) and not screen([])
+    from giva_ext.checks import _where  # check_finite's test: the false alarm is looked into
+    assert _where(big) is None and _where(torch.tensor([1.0, -float("inf")])) == "Inf"
 
     def bases(model):
         return {k: v.clone() for k, v in model.state_dict().items() if k.endswith((".A", ".B"))}
@@ -170,7 +172,7 @@ def test_init_finiteness_screen_is_only_a_shortcut(monkeypatch):
     model = three_layers()
     g.init_bases(model, batches(), inner, progress=False)
     want = bases(model)
-    monkeypatch.setattr(init_module, "_maybe_non_finite", lambda tensors: True)  # always a false alarm
+    monkeypatch.setattr(init_module, "maybe_non_finite", lambda tensors: True)  # always a false alarm
     model = three_layers()
     g.init_bases(model, batches(), inner, progress=False)
     got = bases(model)
