@@ -66,7 +66,8 @@ def mixed_giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, row_ids):
                            "or torch.inference_mode()")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    token_ids = row_ids.repeat_interleave(x2.shape[0] // x.shape[0]) if x.shape[0] else row_ids
+    per_row = x2.shape[0] // x.shape[0] if x.shape[0] else 1
+    token_ids = row_ids if per_row == 1 else row_ids.repeat_interleave(per_row)
     def cast(tensors):  # serving calls this per layer and step: skip the no-op casts of 4n tensors
         return [t if t.dtype == x.dtype else t.to(x.dtype) for t in tensors]
 

@@ -123,8 +123,10 @@ class GiVALinear(nn.Module):
         self.adapters = nn.ModuleDict({adapter_name: first})
         self.active_adapter: str | None = adapter_name
         # Per-row adapter choice of a mixed batch (set by giva_ext.mixed_adapters): (row ids into
-        # list(self.adapters), or -1 for none). None outside such a block.
+        # list(self.adapters), or -1 for none), and the adapters' (A, B, lambda_s, lambda_o) lists,
+        # gathered once per block rather than per call. None outside such a block.
         self.mixed_row_ids: torch.Tensor | None = None
+        self.mixed_tensors: tuple[list[torch.Tensor], ...] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int, dropout: float = 0.0,
@@ -254,10 +256,8 @@ class GiVALinear(nn.Module):
             if self.merged:
                 raise RuntimeError(f"adapter {self.active_adapter!r} is merged into this layer; "
                                    "unmerge before running a mixed-adapter batch")
-            adapters = list(self.adapters.values())
-            return mixed_giva_linear(x, self.weight_out_in(), self.base.bias, [a.A for a in adapters],
-                                     [a.B for a in adapters], [a.lambda_s for a in adapters],
-                                     [a.lambda_o for a in adapters], self.mixed_row_ids)
+            return mixed_giva_linear(x, self.weight_out_in(), self.base.bias, *self.mixed_tensors,
+                                     self.mixed_row_ids)
         if self.merged or self.active_adapter is None:
             return self.base(x)
         a = self.adapter
