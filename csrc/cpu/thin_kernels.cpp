@@ -1,17 +1,19 @@
 // The kernels of thin_kernels.h, written with GCC vector types: a `vec` of 16 floats is one AVX-512
-// register, and each exported function is compiled per instruction set (target_clones), so the
-// library runs on any x86-64 and the loader picks the widest clone the CPU supports.
+// register. Each exported kernel is compiled for AVX-512 (x86-64-v4) alone and called only where
+// thin_kernels_fast() says the CPU has it: tuned for 32 vector registers, AVX2 or generic builds of
+// them spilled and ran ~20x slower than BLAS, so other CPUs take ATen's GEMMs instead. The rest of
+// the library stays baseline x86-64.
 #include "thin_kernels.h"
 
 #include <algorithm>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__ELF__)
-#define GIVA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GIVA_AVX512 __attribute__((target("arch=x86-64-v4")))
 #else
-#define GIVA_CLONES
+#define GIVA_AVX512
 #endif
-// The helpers must inline into each clone to be compiled for its instruction set.
+// The helpers inline into the kernels, so they are compiled for AVX-512 too.
 #define GIVA_INLINE inline __attribute__((always_inline))
 // Vector arguments of the inlined helpers never cross an ABI boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -128,7 +130,7 @@ GIVA_INLINE void update(int64_t n, int64_t N, int64_t K, const float* c, int64_t
 
 }  // namespace
 
-GIVA_CLONES
+GIVA_AVX512
 void rows_dot(int64_t n, int64_t r, int64_t K, const float* x, int64_t ldx, const float* a,
               int64_t lda, float* s, int64_t lds) {
   int64_t i = 0;
@@ -136,7 +138,7 @@ void rows_dot(int64_t n, int64_t r, int64_t K, const float* x, int64_t ldx, cons
   for (; i < n; ++i) dot_rows<1>(r, K, x + i * ldx, ldx, a, lda, s + i * lds, lds);
 }
 
-GIVA_CLONES
+GIVA_AVX512
 void rank_update(int64_t n, int64_t N, int64_t K, const float* c, int64_t ldc, const float* b,
                  int64_t ldb, const float* init, int64_t ldi, float* out, int64_t ldo) {
   update(n, N, K, c, ldc, 1, b, ldb, init, ldi, out, ldo);
@@ -147,7 +149,7 @@ void rank_update(int64_t n, int64_t N, int64_t K, const float* c, int64_t ldc, c
 // prefetcher (64 rows measured 25% slower from a cold g), while the copy's independent loads keep
 // misses overlapped and the panel stays in L1 (rows of g 4 KiB apart would share L1 sets). m's
 // rows go 8 at a time (24 accumulators over 48 columns, 3 loads and 8 broadcasts per 24 FMAs).
-GIVA_CLONES
+GIVA_AVX512
 void accumulate_outer(int64_t r, int64_t N, int64_t T, const float* s, int64_t lds,
                       const float* g, int64_t ldg, float* m, int64_t ldm) {
   constexpr int64_t kRows = 16, kCols = 6 * kLanes;

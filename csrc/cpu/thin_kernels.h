@@ -7,9 +7,8 @@
 
 namespace giva::cpu {
 
-// Whether the kernels below have their fast build on this CPU. They are tuned for the 32 vector
-// registers of AVX-512; the AVX2 and generic builds spill and run ~20x slower than BLAS, so
-// callers use ATen instead where this is false.
+// Whether this CPU runs the kernels below: they are compiled for AVX-512 (x86-64-v4) only, tuned
+// for its 32 vector registers, and must not be called where this is false (callers use ATen).
 bool thin_kernels_fast();
 
 // s[i, j] = sum_k x[i, k] a[j, k] for i < n, j < r, k < K: r dot products per row of x against the
