@@ -74,8 +74,28 @@ def find_targets(model: nn.Module, config: GiVAConfig) -> dict[str, nn.Module]:
 
 
 def wrapped_layers(model: nn.Module) -> dict[str, GiVALinear]:
-    """Every GiVALinear in the model, by qualified name, whatever adapters it holds."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, GiVALinear)}
+    """Every GiVALinear in the model, by qualified name, whatever adapters it holds, in the order
+    of model.named_modules(). The walk does not enter a GiVALinear (its base and adapters hold no
+    other): with many adapters per layer those are most of the modules, and this runs on every
+    mixed_adapters block and API call."""
+    if isinstance(model, GiVALinear):
+        return {"": model}
+    found: dict[str, GiVALinear] = {}
+    seen: set[int] = set()  # a module reachable twice is listed once, as named_modules does
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module._modules.items():
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
+            qualified = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, GiVALinear):
+                found[qualified] = child
+            else:
+                walk(child, qualified)
+
+    walk(model, "")
+    return found
 
 
 def giva_layers(model: nn.Module, adapter: str | None = None) -> dict[str, GiVALinear]:

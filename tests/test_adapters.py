@@ -378,3 +378,21 @@ def test_load_adapters_is_all_or_nothing(three, tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
     with pytest.raises(ValueError, match="adapters.json"):
         g.load_adapters(target, tmp_path / "nowhere")
+
+
+def test_wrapped_layers_lists_what_named_modules_lists():
+    """The pruned walk (it never enters a GiVALinear) finds the same layers, in the same order, as
+    filtering named_modules(): nested containers, a module reachable twice, many adapters, and a
+    bare GiVALinear."""
+    shared = nn.Linear(8, 8)
+    model = nn.ModuleDict({"enc": nn.ModuleDict({"q": nn.Linear(8, 8), "act": nn.ReLU(), "v": nn.Linear(8, 8)}),
+                           "shared": shared, "more": nn.ModuleDict({"again": shared, "o": nn.Linear(8, 8)})})
+    g.apply_giva(model, g.GiVAConfig(r=2, target_modules=["q", "v", "shared", "o"]))
+    for i in range(1, 6):
+        g.add_adapter(model, f"a{i}", g.GiVAConfig(r=2, target_modules=["q", "o"]))
+    want = [(n, m) for n, m in model.named_modules() if isinstance(m, g.GiVALinear)]
+    got = list(g.wrapped_layers(model).items())
+    assert [n for n, _ in got] == [n for n, _ in want] == ["enc.q", "enc.v", "shared", "more.o"]
+    assert all(a is b for (_, a), (_, b) in zip(got, want))
+    layer = model["enc"]["q"]
+    assert g.wrapped_layers(layer) == {"": layer}
