@@ -176,8 +176,8 @@ def mixed_adapters(model: nn.Module, adapters: Sequence[str | None] | torch.Tens
             lookup = torch.tensor([-1, *(position.get(n, -1) for n in names)], dtype=torch.long,
                                   device=ids.device)
             layer.mixed_row_ids = lookup[ids + 1]
-            adapters = list(layer.adapters.values())
-            layer.mixed_tensors = tuple([getattr(a, k) for a in adapters]
+            held = list(layer.adapters.values())
+            layer.mixed_tensors = tuple([getattr(a, k) for a in held]
                                         for k in ("A", "B", "lambda_s", "lambda_o"))
         yield model
     finally:

@@ -309,10 +309,11 @@ def _run_pass(model, layers, units, batches, count: int, loss_fn, pass_index: in
                 _check_finite_forward(records, loss, seen)
                 dys = torch.autograd.grad(loss, [out for _, _, out in records], allow_unused=True)
             # In backward order, so the error names the layer where a NaN or Inf first appears.
-            for (name, _, _), dy in (reversed(list(zip(records, dys))) if maybe_non_finite(dys) else ()):
-                if dy is not None and not torch.isfinite(dy).all():
-                    raise FloatingPointError(f"non-finite gradient at the output of layer {name!r} (batch "
-                                             f"{seen}; the loss and every layer's input are finite)")
+            if maybe_non_finite(dys):
+                for (name, _, _), dy in reversed(list(zip(records, dys))):
+                    if dy is not None and not torch.isfinite(dy).all():
+                        raise FloatingPointError(f"non-finite gradient at the output of layer {name!r} "
+                                                 f"(batch {seen}; the loss and every layer's input are finite)")
             value = loss.item()
             if pass_index == 0:
                 losses.append(value)
@@ -333,11 +334,12 @@ def _run_pass(model, layers, units, batches, count: int, loss_fn, pass_index: in
                         test_matrices[u.name] = u.acc.test_matrices()
                     u.acc.update(x2, dy2[:, u.rows], test_matrices[u.name])
             active = [u for u in units if pass_index < u.acc.passes]
-            for u in (active if maybe_non_finite([t for u in active for t in u.acc.sums()]) else ()):
-                sums = u.acc.sums()
-                if not all(torch.isfinite(t).all() for t in sums):
-                    raise FloatingPointError(f"the gradient sum of layer {u.name!r} overflowed "
-                                             f"{sums[0].dtype} at batch {seen}; scale the loss down")
+            if maybe_non_finite([t for u in active for t in u.acc.sums()]):
+                for u in active:
+                    sums = u.acc.sums()
+                    if not all(torch.isfinite(t).all() for t in sums):
+                        raise FloatingPointError(f"the gradient sum of layer {u.name!r} overflowed "
+                                                 f"{sums[0].dtype} at batch {seen}; scale the loss down")
             records.clear()
             progress_state["batches"] = seen
             if cache is not None and seen % cache_every == 0:
