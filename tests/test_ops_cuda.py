@@ -34,8 +34,8 @@ SHAPES = [(64, 128, 96, 8), (1, 64, 32, 1), (37, 23, 29, 3), (5, 37, 23, 8), (50
           (128, 256, 192, 64), (1031, 4104, 520, 4), (0, 16, 8, 4)]
 
 
-def _inputs(T, n_in, n_out, r, dtype, bias=True, seed=0):
-    """Layer tensors (fp32 draws, cast to dtype on the GPU); lambda_o != 0 so the adapter counts."""
+def _inputs(T, n_in, n_out, r, dtype, bias=True, seed=0, device="cuda"):
+    """Layer tensors (fp32 draws, cast to dtype on the device); lambda_o != 0 so the adapter counts."""
     g = torch.Generator().manual_seed(seed)
     t = {
         "x": torch.randn(T, n_in, generator=g),
@@ -46,7 +46,7 @@ def _inputs(T, n_in, n_out, r, dtype, bias=True, seed=0):
         "lambda_s": 1 + 0.5 * torch.randn(r, generator=g),
         "lambda_o": torch.randn(n_out, generator=g),
     }
-    return {k: None if v is None else v.to("cuda", dtype) for k, v in t.items()}
+    return {k: None if v is None else v.to(device, dtype) for k, v in t.items()}
 
 
 def _as(t: dict, dtype) -> dict:

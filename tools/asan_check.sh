@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the CPU ops with AddressSanitizer and UndefinedBehaviorSanitizer in a temporary copy of the
-# tree and runs the native-op tests against that build, with libasan preloaded into Python (which
+# tree and runs the native-op tests (and the CPU emulation of the CUDA kernels) against that build, with libasan preloaded into Python (which
 # is not instrumented itself). The normal in-place build, giva_ext/_C*.so, is not touched. Exits
 # non-zero on any sanitizer report or failing test.
 #
@@ -40,7 +40,10 @@ echo "asan_check: built in $(( $(date +%s) - start )) s"
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:alloc_dealloc_mismatch=0"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 [ $# -gt 0 ] || set -- tests/test_ops.py tests/test_sketch.py tests/test_adapters.py tests/test_properties.py \
-  tests/test_numerics.py
+  tests/test_numerics.py tests/test_cuda_emulation.py
+# The CUDA kernels' CPU emulation is built with the same flags: ASan then reports any read or write
+# outside a tensor that a kernel makes (what compute-sanitizer's memcheck does on a GPU).
+export GIVA_EMULATION_CFLAGS="$SAN"
 cd "$WORK"
 # The instrumented library must be the one the tests load (not the editable install's).
 LD_PRELOAD="$PRELOAD" PYTHONPATH="$WORK" "$PY" -c \

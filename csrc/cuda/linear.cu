@@ -26,10 +26,12 @@
 // 2^31), and every launch checks its grid against CUDA's limits.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <torch/library.h>
+#ifndef GIVA_CUDA_EMULATION
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -352,7 +354,28 @@ lambda_grad_kernel(const float* __restrict__ M, int64_t out, const T* __restrict
   }
 }
 
+#ifndef GIVA_CUDA_EMULATION
+// What the host code below takes from the CUDA runtime. The tests' CPU emulation of the kernels
+// (tests/cuda_emulation) defines the same names and compiles this file as C++.
+constexpr auto kDevice = at::kCUDA;
+using DeviceGuard = c10::cuda::CUDAGuard;
+
 int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel, int threads) {
+  int occupancy = 1;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, kernel, threads, 0));
+  return std::max(occupancy, 1);
+}
+
+// kernel<<<grid, threads>>>(args...) on the current stream, checked.
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, dim3 grid, int threads, Args... args) {
+  kernel<<<grid, threads, 0, at::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
@@ -388,10 +411,9 @@ ThinOut thin_products(const at::Tensor& X, const Factor<T>& Q, bool want_p, cons
   const bool aligned = K % N == 0 && ldx % N == 0 && aligned16(X.data_ptr());
   auto kernel = aligned ? (with_m ? thin_kernel<T, true, true> : thin_kernel<T, true, false>)
                         : (with_m ? thin_kernel<T, false, true> : thin_kernel<T, false, false>);
-  int occupancy = 1;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, kernel, kThreads, 0));
   // One wave of blocks; each row group's M partial is written once, so fewer groups, less traffic.
-  const int64_t want_groups = std::max<int64_t>(1, num_sms() * std::max(occupancy, 1) / ncol);
+  const int64_t want_groups =
+      std::max<int64_t>(1, num_sms() * blocks_per_sm(kernel, kThreads) / ncol);
   int64_t groups = std::min(want_groups, ceil_div(rows, kRowBatch));
   const int64_t rows_per_group = ceil_div(ceil_div(rows, groups), kRowBatch) * kRowBatch;
   groups = ceil_div(rows, rows_per_group);  // no empty group; at most SMs x occupancy (gridDim.y)
@@ -401,12 +423,10 @@ ThinOut thin_products(const at::Tensor& X, const Factor<T>& Q, bool want_p, cons
   if (want_p) res.Ppart = at::empty({ncol, rows, kRank}, f32);
   at::Tensor Mpart;
   if (with_m) Mpart = at::empty({groups, K, kRank}, f32);
-  kernel<<<dim3(static_cast<unsigned>(ncol), static_cast<unsigned>(groups)), kThreads, 0,
-           at::cuda::getCurrentCUDAStream()>>>(
-      X.data_ptr<T>(), ldx, rows, K, Q, want_p ? res.Ppart.data_ptr<float>() : nullptr,
-      with_m ? S.data_ptr<T>() : nullptr, with_m ? S.size(1) : 0,
-      with_m ? Mpart.data_ptr<float>() : nullptr, rows_per_group);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(kernel, dim3(static_cast<unsigned>(ncol), static_cast<unsigned>(groups)), kThreads,
+         X.data_ptr<T>(), ldx, rows, K, Q, want_p ? res.Ppart.data_ptr<float>() : nullptr,
+         with_m ? S.data_ptr<T>() : nullptr, with_m ? S.size(1) : 0,
+         with_m ? Mpart.data_ptr<float>() : nullptr, rows_per_group);
   if (with_m) res.M = Mpart.sum(0);
   return res;
 }
@@ -421,21 +441,18 @@ at::Tensor expand(const at::Tensor& Ppart, int64_t rows, const Factor<T>& F, con
   const T* bias_ptr = ptr_or_null<T>(bias);
   const bool aligned = N % V == 0 && (!bias_ptr || aligned16(bias_ptr));
   auto kernel = aligned ? expand_kernel<T, true> : expand_kernel<T, false>;
-  int occupancy = 1;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, kernel, kThreads, 0));
   // At least one column tile, so s_out is written even when N == 0.
   const int64_t ncol = std::max<int64_t>(1, ceil_div(N, kThreads * V));
   // A few tiles per block amortize loading F; the grid-stride loop covers any T.
   const int64_t tiles = ceil_div(rows, kTileRows);
-  const int64_t per_wave = std::max<int64_t>(1, 4 * num_sms() * std::max(occupancy, 1) / ncol);
+  const int64_t per_wave =
+      std::max<int64_t>(1, 4 * num_sms() * blocks_per_sm(kernel, kThreads) / ncol);
   const int64_t grid_y = std::min<int64_t>({tiles, per_wave, 65535});
   TORCH_CHECK(ncol <= INT32_MAX, "giva: an output row of ", N, " elements needs ", ncol,
               " column blocks, above the CUDA grid limit of 2^31 - 1");
-  kernel<<<dim3(static_cast<unsigned>(ncol), static_cast<unsigned>(grid_y)), kThreads, 0,
-           at::cuda::getCurrentCUDAStream()>>>(
-      Ppart.data_ptr<float>(), Ppart.size(0), rows, F, bias_ptr, N, C.data_ptr<T>(),
-      s_out.defined() ? s_out.data_ptr<T>() : nullptr, s_out.defined() ? s_out.size(1) : 0);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(kernel, dim3(static_cast<unsigned>(ncol), static_cast<unsigned>(grid_y)), kThreads,
+         Ppart.data_ptr<float>(), Ppart.size(0), rows, F, bias_ptr, N, C.data_ptr<T>(),
+         s_out.defined() ? s_out.data_ptr<T>() : nullptr, s_out.defined() ? s_out.size(1) : 0);
   return C;
 }
 
@@ -448,9 +465,9 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(
     const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
     const at::Tensor& A_in, const at::Tensor& B_in, const at::Tensor& lambda_s_in,
     const at::Tensor& lambda_o_in) {
-  check_linear_forward(x_in, weight, bias_opt, A_in, B_in, lambda_s_in, lambda_o_in, at::kCUDA,
+  check_linear_forward(x_in, weight, bias_opt, A_in, B_in, lambda_s_in, lambda_o_in, kDevice,
                        kDtypes);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const DeviceGuard guard(x_in.device());
   const int64_t T = x_in.size(0), in = x_in.size(1), out = weight.size(0), r = A_in.size(0);
   const auto x = rows_unit_stride(x_in);
   const auto A = A_in.contiguous(), B = B_in.contiguous();
@@ -483,9 +500,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& s_in, const at::Tensor& weight,
     const at::Tensor& A_in, const at::Tensor& B_in, const at::Tensor& lambda_s_in,
     const at::Tensor& lambda_o_in, std::array<bool, 3> output_mask) {
-  check_linear_backward(grad_y, s_in, weight, A_in, B_in, lambda_s_in, lambda_o_in, at::kCUDA,
+  check_linear_backward(grad_y, s_in, weight, A_in, B_in, lambda_s_in, lambda_o_in, kDevice,
                         kDtypes);
-  const c10::cuda::CUDAGuard guard(grad_y.device());
+  const DeviceGuard guard(grad_y.device());
   const bool need_x = output_mask[0], need_s = output_mask[1], need_o = output_mask[2];
   const bool need_lambda = need_s || need_o;
   const int64_t T = grad_y.size(0), out = grad_y.size(1), in = weight.size(1), r = A_in.size(0);
@@ -514,13 +531,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
         if (need_o) grad_o = at::empty({out}, lambda_o.options());
         at::Tensor gs_part;
         if (need_s) gs_part = at::empty({blocks, kRank}, thin.M.options());
-        lambda_grad_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0,
-                                       at::cuda::getCurrentCUDAStream()>>>(
-            thin.M.data_ptr<float>(), out, B.data_ptr<scalar_t>(), r,
-            lambda_s.data_ptr<scalar_t>(), lambda_o.data_ptr<scalar_t>(),
-            need_o ? grad_o.data_ptr<scalar_t>() : nullptr,
-            need_s ? gs_part.data_ptr<float>() : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(lambda_grad_kernel<scalar_t>, dim3(static_cast<unsigned>(blocks)), kThreads,
+               thin.M.data_ptr<float>(), out, B.data_ptr<scalar_t>(), r,
+               lambda_s.data_ptr<scalar_t>(), lambda_o.data_ptr<scalar_t>(),
+               need_o ? grad_o.data_ptr<scalar_t>() : nullptr,
+               need_s ? gs_part.data_ptr<float>() : nullptr);
         if (need_s) grad_s = gs_part.sum(0).narrow(0, 0, r).to(dtype);
       }
     }));
@@ -546,9 +561,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
 
 }  // namespace
 
+#ifndef GIVA_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(giva, CUDA, m) {
   m.impl("linear_forward", &linear_forward_cuda);
   m.impl("linear_backward", &linear_backward_cuda);
 }
+#endif
 
 }  // namespace giva

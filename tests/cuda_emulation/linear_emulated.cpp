@@ -1,0 +1,11 @@
+// csrc/cuda/linear.cu compiled as C++ on the CPU emulation of cuda_emulation.h, registered as
+// torch.ops.giva_cuda_emulation.linear_forward / linear_backward (schemas inferred from the C++
+// signatures) for tests/test_cuda_emulation.py. The ops take CPU tensors.
+#include "cuda_emulation.h"
+
+#include "../../csrc/cuda/linear.cu"
+
+TORCH_LIBRARY(giva_cuda_emulation, m) {
+  m.def("linear_forward", &giva::linear_forward_cuda);
+  m.def("linear_backward", &giva::linear_backward_cuda);
+}

@@ -1,0 +1,209 @@
+"""csrc/cuda/linear.cu, kernels and host code, run on the CPU under tests/cuda_emulation and compared
+against giva_ext.reference with the tolerances of tests/test_ops_cuda.py.
+
+The file is compiled as C++ against a CPU emulation of the CUDA features it uses (fibers for a
+block's threads, barriers for __syncthreads and warp shuffles) and registered as
+torch.ops.giva_cuda_emulation.*, taking CPU tensors. This checks the kernels' indexing, reductions,
+tails, vector/scalar paths, grid geometry and the host code around them without a GPU. A missing
+barrier shows only where the emulation's one fixed thread order exposes it, and speed not at all:
+bench/gpu_check.sh (racecheck, benchmarks) covers those on a GPU. Above rank 8 the host code's cuBLAS
+products run as CPU ATen calls. The emulated device has GIVA_EMULATED_SMS SMs (4 unless a test sets
+it). Under tools/asan_check.sh the emulation is built with AddressSanitizer, which then reports any
+access a kernel makes outside a tensor.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from giva_ext import reference
+from test_ops_cuda import _args, _as, _assert_matches, _inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or shutil.which(os.environ.get("CXX", "c++")) is None,
+    reason="the CUDA emulation is built on Linux (ucontext) with a C++ compiler")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (T, in, out, r): aligned, T=1/r=1, odd sizes, the largest fused rank, the cuBLAS path (r=9),
+# several column tiles for every dtype (a tile is 1024 fp32 or 2048 fp16/bf16 columns), out=1, T=0.
+SHAPES = [(64, 128, 96, 8), (1, 64, 32, 1), (37, 23, 29, 3), (5, 37, 23, 8), (50, 72, 80, 9),
+          (19, 2100, 40, 4), (6, 16, 1, 1), (0, 16, 8, 4)]
+_id = "x".join
+SOURCES = [ROOT / "tests" / "cuda_emulation" / "linear_emulated.cpp",
+           ROOT / "tests" / "cuda_emulation" / "cuda_emulation.h",
+           ROOT / "csrc" / "cuda" / "linear.cu", ROOT / "csrc" / "cpu" / "checks.h"]
+
+
+def _build_emulation() -> Path:
+    """Compiles linear_emulated.cpp into build/cuda_emulation (reused while the sources, the flags and
+    torch are unchanged). GIVA_EMULATION_CFLAGS adds compiler flags (tools/asan_check.sh passes the
+    sanitizers)."""
+    from torch.utils import cpp_extension
+    extra = os.environ.get("GIVA_EMULATION_CFLAGS", "").split()
+    key = hashlib.sha1(" ".join([torch.__version__, *extra]).encode())
+    for path in SOURCES:
+        key.update(path.read_bytes())
+    lib = ROOT / "build" / "cuda_emulation" / f"giva_cuda_emulation_{key.hexdigest()[:16]}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        torch_lib = Path(torch.__file__).parent / "lib"
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [os.environ.get("CXX", "c++"), "-std=c++20", "-O1", "-fPIC", "-shared", *extra,
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCES[0]), "-o", str(tmp),
+               f"-L{torch_lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_lib}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, f"building the CUDA emulation failed:\n{done.stderr[-4000:]}"
+        os.replace(tmp, lib)
+    return lib
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    torch.ops.load_library(str(_build_emulation()))
+    return torch.ops.giva_cuda_emulation
+
+
+@pytest.fixture
+def sms(monkeypatch):
+    """Sets the emulated SM count (the grid geometry follows it)."""
+    return lambda n: monkeypatch.setenv("GIVA_EMULATED_SMS", str(n))
+
+
+def _cpu_inputs(*shape, dtype, **kw):
+    return _inputs(*shape, dtype, device="cpu", **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: _id(map(str, s)))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_forward_matches_reference(emulated, shape, dtype, bias):
+    t = _cpu_inputs(*shape, dtype=dtype, bias=bias)
+    y, s = emulated.linear_forward(*_args(t))
+    y_c, s_c = reference.linear_forward(*_args(t))
+    y_64, s_64 = reference.linear_forward(*_args(_as(t, torch.float64)))
+    _assert_matches(y, y_c, y_64, dtype, "y")
+    _assert_matches(s, s_c, s_64, dtype, "s")
+
+
+def _backward_case(T, n_in, n_out, r, dtype, seed=1):
+    t = _cpu_inputs(T, n_in, n_out, r, dtype=dtype, seed=seed)
+    gy = torch.randn(T, n_out, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    s = t["x"] @ t["A"].t()  # the saved activation, as the forward returns it
+    return gy, s, (t["weight"], t["A"], t["B"], t["lambda_s"], t["lambda_o"])
+
+
+def _assert_backward(got, gy, s, rest, dtype):
+    composite = reference.linear_backward(gy, s, *rest)
+    ref64 = reference.linear_backward(gy.double(), s.double(), *(v.double() for v in rest))
+    for name, a, c, e in zip(("grad_x", "grad_lambda_s", "grad_lambda_o"), got, composite, ref64):
+        _assert_matches(a, c, e, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: _id(map(str, s)))
+def test_backward_matches_reference(emulated, shape, dtype):
+    gy, s, rest = _backward_case(*shape, dtype)
+    _assert_backward(emulated.linear_backward(gy, s, *rest, [True, True, True]), gy, s, rest, dtype)
+
+
+@pytest.mark.parametrize("n_sms", [1, 3, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grid_geometry(emulated, sms, n_sms, dtype):
+    """Row groups and expand tiles follow the SM count: one row group and blocks that loop over
+    several row tiles (1 SM), a few groups with a ragged last one (3), one group per 4 rows (64):
+    the results must not depend on the split."""
+    sms(n_sms)
+    shape = (150, 300, 260, 7)
+    t = _cpu_inputs(*shape, dtype=dtype)
+    y, s = emulated.linear_forward(*_args(t))
+    y_c, s_c = reference.linear_forward(*_args(t))
+    y_64, s_64 = reference.linear_forward(*_args(_as(t, torch.float64)))
+    _assert_matches(y, y_c, y_64, dtype, "y")
+    _assert_matches(s, s_c, s_64, dtype, "s")
+    gy, s, rest = _backward_case(*shape, dtype)
+    _assert_backward(emulated.linear_backward(gy, s, *rest, [True, True, True]), gy, s, rest, dtype)
+
+
+@pytest.mark.parametrize("r", [6, 12], ids=["fused", "cublas"])
+@pytest.mark.parametrize("mask", list(itertools.product([False, True], repeat=3)), ids=str)
+def test_backward_output_mask(emulated, mask, r):
+    gy, s, rest = _backward_case(40, 48, 56, r, torch.float32)
+    full = emulated.linear_backward(gy, s, *rest, [True, True, True])
+    got = emulated.linear_backward(gy, s, *rest, list(mask))
+    for need, a, f in zip(mask, got, full):
+        if need:
+            torch.testing.assert_close(a, f, rtol=0, atol=0)
+        else:
+            assert a is None
+
+
+@pytest.mark.parametrize("r", [4, 16], ids=["fused", "cublas"])
+def test_fp16_lambda_gradients_past_fp16_range_of_M(emulated, r):
+    """M = g^T s reaches 320 x 250 = 8e4, past fp16's 65504: both rank paths keep M in fp32."""
+    T = 320
+    t = _cpu_inputs(T, 64, 32, r, dtype=torch.float16, seed=2)
+    gy = torch.ones(T, 32, dtype=torch.float16)
+    s = torch.full((T, r), 250.0, dtype=torch.float16)
+    t["B"] = (t["B"].float() * 1e-4).half()
+    rest = (t["weight"], t["A"], t["B"], t["lambda_s"], t["lambda_o"])
+    _, grad_s, grad_o = emulated.linear_backward(gy, s, *rest, [False, True, True])
+    _, want_s, want_o = reference.linear_backward(gy.double(), s.double(), *(v.double() for v in rest),
+                                                  (False, True, True))
+    for name, got, want in (("grad_lambda_s", grad_s, want_s), ("grad_lambda_o", grad_o, want_o)):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.double(), want, rtol=4e-3, atol=1e-2, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["strided_columns", "padded_rows_aligned", "padded_rows_odd"])
+def test_non_contiguous_x_and_grad_y(emulated, layout, dtype):
+    """Views: copied (column stride 2), or read in place with a row stride (aligned vector loads,
+    or the element-wise path for an odd offset)."""
+    T, n_in, n_out = 45, 64, 40
+
+    def view_of(a):
+        if layout == "strided_columns":
+            v = torch.zeros(a.shape[0], 2 * a.shape[1], dtype=a.dtype)
+            v[:, ::2] = a
+            return v[:, ::2]
+        first = 0 if layout == "padded_rows_aligned" else 1
+        v = torch.zeros(a.shape[0], a.shape[1] + 8, dtype=a.dtype)
+        v[:, first:first + a.shape[1]] = a
+        return v[:, first:first + a.shape[1]]
+
+    t = _cpu_inputs(T, n_in, n_out, 5, dtype=dtype)
+    y, s = emulated.linear_forward(*_args({**t, "x": view_of(t["x"])}))
+    y_c, s_c = reference.linear_forward(*_args(t))
+    y_64, s_64 = reference.linear_forward(*_args(_as(t, torch.float64)))
+    _assert_matches(y, y_c, y_64, dtype, "y")
+    _assert_matches(s, s_c, s_64, dtype, "s")
+    gy, s, rest = _backward_case(T, n_in, n_out, 5, dtype)
+    got = emulated.linear_backward(view_of(gy), s, *rest, [True, True, True])
+    _assert_backward(got, gy, s, rest, dtype)
+
+
+def test_unaligned_bias_view(emulated):
+    t = _cpu_inputs(16, 32, 40, 4, dtype=torch.float16)
+    t["bias"] = torch.randn(41).half()[1:]  # 2-byte offset: the element-wise store path
+    y, _ = emulated.linear_forward(*_args(t))
+    y_c, _ = reference.linear_forward(*_args(t))
+    y_64, _ = reference.linear_forward(*_args(_as(t, torch.float64)))
+    _assert_matches(y, y_c, y_64, torch.float16, "y")
+
+
+def test_bad_input_names_the_argument(emulated):
+    t = _cpu_inputs(8, 16, 12, 4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match=r"\bA\b"):
+        emulated.linear_forward(*_args({**t, "A": t["A"][:, :-1]}))
+    with pytest.raises(RuntimeError, match=r"\bx\b.*Double"):
+        emulated.linear_forward(*_args(_as(t, torch.float64)))  # no float64 CUDA kernel
