@@ -1,5 +1,5 @@
-"""csrc/cuda/linear.cu, kernels and host code, run on the CPU under tests/cuda_emulation and compared
-against giva_ext.reference with the tolerances of tests/test_ops_cuda.py.
+"""csrc/cuda/linear.cu (kernels and host code) and mixed.cu run on the CPU under tests/cuda_emulation
+and compared against giva_ext.reference with the tolerances of the CUDA tests.
 
 The file is compiled as C++ against a CPU emulation of the CUDA features it uses (fibers for a
 block's threads, barriers for __syncthreads and warp shuffles) and registered as
@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from giva_ext import reference
+from test_adapters import op_args
 from test_ops_cuda import _args, _as, _assert_matches, _inputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,19 +39,18 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(64, 128, 96, 8), (1, 64, 32, 1), (37, 23, 29, 3), (5, 37, 23, 8), (50, 72, 80, 9),
           (19, 2100, 40, 4), (6, 16, 1, 1), (0, 16, 8, 4)]
 _id = "x".join
-SOURCES = [ROOT / "tests" / "cuda_emulation" / "linear_emulated.cpp",
-           ROOT / "tests" / "cuda_emulation" / "cuda_emulation.h",
-           ROOT / "csrc" / "cuda" / "linear.cu", ROOT / "csrc" / "cpu" / "checks.h"]
+MAIN_SOURCE = ROOT / "tests" / "cuda_emulation" / "cuda_ops_emulated.cpp"
 
 
 def _build_emulation() -> Path:
-    """Compiles linear_emulated.cpp into build/cuda_emulation (reused while the sources, the flags and
+    """Compiles cuda_ops_emulated.cpp into build/cuda_emulation (reused while the sources, the flags and
     torch are unchanged). GIVA_EMULATION_CFLAGS adds compiler flags (tools/asan_check.sh passes the
     sanitizers)."""
     from torch.utils import cpp_extension
     extra = os.environ.get("GIVA_EMULATION_CFLAGS", "").split()
     key = hashlib.sha1(" ".join([torch.__version__, *extra]).encode())
-    for path in SOURCES:
+    for path in sorted([*(ROOT / "tests" / "cuda_emulation").iterdir(), *(ROOT / "csrc" / "cuda").iterdir(),
+                        *(ROOT / "csrc" / "cpu").glob("*.h")]):
         key.update(path.read_bytes())
     lib = ROOT / "build" / "cuda_emulation" / f"giva_cuda_emulation_{key.hexdigest()[:16]}.so"
     if not lib.exists():
@@ -59,7 +59,7 @@ def _build_emulation() -> Path:
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
         cmd = [os.environ.get("CXX", "c++"), "-std=c++20", "-O1", "-fPIC", "-shared", *extra,
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-               *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCES[0]), "-o", str(tmp),
+               *(f"-I{p}" for p in cpp_extension.include_paths()), str(MAIN_SOURCE), "-o", str(tmp),
                f"-L{torch_lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_lib}"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         assert done.returncode == 0, f"building the CUDA emulation failed:\n{done.stderr[-4000:]}"
@@ -207,3 +207,18 @@ def test_bad_input_names_the_argument(emulated):
         emulated.linear_forward(*_args({**t, "A": t["A"][:, :-1]}))
     with pytest.raises(RuntimeError, match=r"\bx\b.*Double"):
         emulated.linear_forward(*_args(_as(t, torch.float64)))  # no float64 CUDA kernel
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("T", [0, 1, 37, 300])
+@pytest.mark.parametrize("order", ["scattered", "sorted"])  # short runs (gathered rows), long runs (views)
+def test_mixed_linear_matches_reference(emulated, dtype, bias, T, order):
+    args = list(op_args(T, 64, 48, [1, 8, 16], torch.float64, bias))
+    if order == "sorted":
+        args[-1] = args[-1].sort().values
+    exact = reference.mixed_linear(*args)
+    low = [[t.to(dtype) for t in a] if isinstance(a, list) else
+           a.to(dtype) if a is not None and a.is_floating_point() else a for a in args]
+    got = emulated.mixed_linear(*low)
+    _assert_matches(got, reference.mixed_linear(*low), exact, dtype, "y")

@@ -27,22 +27,17 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
-#ifndef GIVA_CUDA_EMULATION
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
 
 #include "../cpu/checks.h"
+#include "runtime.h"
 
 namespace giva {
 namespace {
 
-constexpr std::array<at::ScalarType, 3> kDtypes = {at::kFloat, at::kHalf, at::kBFloat16};
 #define GIVA_DISPATCH_CASES(...)                  \
   AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)       \
   AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)        \
@@ -354,28 +349,6 @@ lambda_grad_kernel(const float* __restrict__ M, int64_t out, const T* __restrict
   }
 }
 
-#ifndef GIVA_CUDA_EMULATION
-// What the host code below takes from the CUDA runtime. The tests' CPU emulation of the kernels
-// (tests/cuda_emulation) defines the same names and compiles this file as C++.
-constexpr auto kDevice = at::kCUDA;
-using DeviceGuard = c10::cuda::CUDAGuard;
-
-int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-template <typename Kernel>
-int blocks_per_sm(Kernel kernel, int threads) {
-  int occupancy = 1;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occupancy, kernel, threads, 0));
-  return std::max(occupancy, 1);
-}
-
-// kernel<<<grid, threads>>>(args...) on the current stream, checked.
-template <typename Kernel, typename... Args>
-void launch(Kernel kernel, dim3 grid, int threads, Args... args) {
-  kernel<<<grid, threads, 0, at::cuda::getCurrentCUDAStream()>>>(args...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-#endif
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
@@ -466,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(
     const at::Tensor& A_in, const at::Tensor& B_in, const at::Tensor& lambda_s_in,
     const at::Tensor& lambda_o_in) {
   check_linear_forward(x_in, weight, bias_opt, A_in, B_in, lambda_s_in, lambda_o_in, kDevice,
-                       kDtypes);
+                       kCudaDtypes);
   const DeviceGuard guard(x_in.device());
   const int64_t T = x_in.size(0), in = x_in.size(1), out = weight.size(0), r = A_in.size(0);
   const auto x = rows_unit_stride(x_in);
@@ -501,7 +474,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
     const at::Tensor& A_in, const at::Tensor& B_in, const at::Tensor& lambda_s_in,
     const at::Tensor& lambda_o_in, std::array<bool, 3> output_mask) {
   check_linear_backward(grad_y, s_in, weight, A_in, B_in, lambda_s_in, lambda_o_in, kDevice,
-                        kDtypes);
+                        kCudaDtypes);
   const DeviceGuard guard(grad_y.device());
   const bool need_x = output_mask[0], need_s = output_mask[1], need_o = output_mask[2];
   const bool need_lambda = need_s || need_o;

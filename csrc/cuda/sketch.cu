@@ -7,14 +7,12 @@
 #include <ATen/DeviceGuard.h>
 #include <torch/library.h>
 
-#include <array>
-
 #include "../cpu/sketch.h"
+#include "runtime.h"
 
 namespace giva {
 namespace {
 
-constexpr std::array<at::ScalarType, 3> kDtypes = {at::kFloat, at::kHalf, at::kBFloat16};
 // Larger blocks than on the CPU: fewer, fuller GEMMs; still independent of T.
 constexpr int64_t kBlockBytes = 64 << 20;
 
@@ -24,14 +22,14 @@ std::tuple<at::Tensor, at::Tensor> sketch_update_cuda(const at::Tensor& x, const
                                                       const at::Tensor& Z) {
   // Not a CUDAGuard: x may be on the wrong device, and the check inside should say so.
   const at::OptionalDeviceGuard guard(at::device_of(x));
-  return sketch_update_impl(x, g, omega, psi, Y, Z, at::kCUDA, kDtypes, kBlockBytes);
+  return sketch_update_impl(x, g, omega, psi, Y, Z, kDevice, kCudaDtypes, kBlockBytes);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rsvd_cuda(const at::Tensor& A,
                                                          const at::Tensor& omega, int64_t k,
                                                          int64_t niter) {
   const at::OptionalDeviceGuard guard(at::device_of(A));
-  return rsvd_impl(A, omega, k, niter, at::kCUDA);
+  return rsvd_impl(A, omega, k, niter, kDevice);
 }
 
 }  // namespace

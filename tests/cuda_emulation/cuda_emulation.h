@@ -1,6 +1,7 @@
-// A CPU emulation of the parts of CUDA that csrc/cuda/linear.cu uses, so that its kernels and host
-// code run (slowly) where there is no GPU: tests/test_cuda_emulation.py compares them against the
-// reference. Included before linear.cu, which then compiles as C++ with GIVA_CUDA_EMULATION set.
+// A CPU emulation of the parts of CUDA that csrc/cuda/linear.cu and mixed.cu use, so that their
+// kernels and host code run (slowly) where there is no GPU: tests/test_cuda_emulation.py compares
+// them against the reference. Included first, it sets GIVA_CUDA_EMULATION and defines the names of
+// csrc/cuda/runtime.h; the .cu files then compile as C++.
 //
 // A launch runs the grid's blocks one after another; the threads of a block are fibers (ucontext)
 // on the calling thread, switched only where a thread waits: at __syncthreads() and inside a warp
@@ -23,6 +24,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #define __global__
@@ -159,13 +161,13 @@ inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
   return other;
 }
 
-// The names linear.cu's host code takes from the CUDA runtime (see its #ifndef block).
+// The names of csrc/cuda/runtime.h, on the CPU.
 namespace giva {
 
 constexpr auto kDevice = at::kCPU;
 
 struct DeviceGuard {
-  explicit DeviceGuard(at::Device) {}
+  explicit DeviceGuard(std::optional<at::Device>) {}
 };
 
 inline int num_sms() {

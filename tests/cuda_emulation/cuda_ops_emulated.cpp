@@ -1,0 +1,14 @@
+// csrc/cuda/linear.cu and mixed.cu compiled as C++ on the CPU emulation of cuda_emulation.h and
+// registered as torch.ops.giva_cuda_emulation.linear_forward / linear_backward / mixed_linear
+// (schemas inferred from the C++ signatures) for tests/test_cuda_emulation.py. The ops take CPU
+// tensors.
+#include "cuda_emulation.h"
+
+#include "../../csrc/cuda/linear.cu"
+#include "../../csrc/cuda/mixed.cu"
+
+TORCH_LIBRARY(giva_cuda_emulation, m) {
+  m.def("linear_forward", &giva::linear_forward_cuda);
+  m.def("linear_backward", &giva::linear_backward_cuda);
+  m.def("mixed_linear", &giva::mixed_linear_cuda);
+}
