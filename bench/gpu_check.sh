@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One-shot check of the CUDA build on a GPU machine with torch (CUDA) and nvcc preinstalled and no
 # network: build, CUDA op tests, compute-sanitizer on a tiny forward+backward, the layer overhead
-# benchmark at T=8192, in=out=4096 (bf16 r=8 and r=64, fp16 r=8), and the benchmark suite (bench/,
-# default size) with its report. Every step has a timeout, the whole run stays under
-# GIVA_CHECK_BUDGET_S (default 470 s), and a failing step does not stop the next. Run from the
-# repository root:
+# benchmark at T=8192, in=out=4096 (GPU times; bf16 r=8 and r=64 with a per-kernel profile, fp16
+# r=8), and the benchmark suite (bench/, default size) with its report. Every step has a timeout,
+# the whole run stays under GIVA_CHECK_BUDGET_S (default 470 s), and a failing step does not stop
+# the next. Run from the repository root:
 #
 #   OUT=/some/dir bash bench/gpu_check.sh
 #
@@ -105,7 +105,8 @@ fi
 tail -n 15 "$OUT/sanitizer.log"
 
 step bench_bf16 90 "$OUT/bench.log" "$PY" bench/layer_overhead.py --device cuda --dtype bfloat16 \
-  --shapes 8192x4096x4096 --ranks 8 64 --json "$OUT/bench_bf16.json"
+  --shapes 8192x4096x4096 --ranks 8 64 --json "$OUT/bench_bf16.json" \
+  --profile "nn.Linear (floor)" "GiVA native" "PEFT VeRA"
 step bench_fp16 60 "$OUT/bench.log" "$PY" bench/layer_overhead.py --device cuda --dtype float16 \
   --shapes 8192x4096x4096 --ranks 8 --json "$OUT/bench_fp16.json"
 tail -n 30 "$OUT/bench.log"

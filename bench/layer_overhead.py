@@ -2,6 +2,7 @@
 
     python bench/layer_overhead.py [--device cpu|cuda] [--dtype float32|bfloat16|float16]
                                    [--shapes 2048x1024x1024 ...] [--ranks 8 64] [--json out.json]
+                                   [--profile ["GiVA native" "PEFT VeRA" ...]]
 
 Shapes are TxINxOUT (tokens x in_features x out_features).  Every case of one (shape, rank) is
 timed in the same run, interleaved repetition by repetition, so machine noise hits them alike: the
@@ -9,7 +10,10 @@ ratio to the floor is the figure to read, not the absolute time.  Cases: the fro
 (x requires grad, the weight does not), GiVALinear on the native op, GiVALinear's math on the
 pure-PyTorch reference, the unfused autograd composite, a plain-PyTorch LoRA, and PEFT LoRA / VeRA
 of the same rank (dropout 0, the layer's dtype) when peft is installed; built as in the pytest
-suite (bench/_cases.py).  "saved MiB" is what autograd keeps for backward beyond parameters and buffers.
+suite (bench/_cases.py).  "adapter ms" is a case's time minus the floor's: what the adapter adds.
+"saved MiB" is what autograd keeps for backward beyond parameters and buffers.  On CUDA the times
+are GPU times between events, with the host's issuing hidden behind a queued spin kernel (see
+interleaved_medians in bench/_cases.py).
 
 Below each table, "one pass over a T x in tensor" is what reading such a tensor costs right after
 the frozen layer's GEMM (a sum over a tensor of x's size that the GEMM did not touch), as a
@@ -76,12 +80,37 @@ def pass_cost(base: nn.Linear, x: torch.Tensor, device, reps: int, warmup: int) 
                                    before=lambda: base(x0))["pass"]
 
 
+def kernel_profile(call, before, device, iters: int = 3, top: int = 8) -> list[dict]:
+    """The ``top`` kernels (CUDA) or operators (CPU) by self time per call, from torch.profiler."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(iters):
+            before()
+            call()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def self_us(event) -> float:
+        if device.type == "cuda":
+            return getattr(event, "self_device_time_total", None) or event.self_cuda_time_total
+        return event.self_cpu_time_total
+
+    events = sorted((e for e in prof.key_averages() if self_us(e) > 0), key=self_us, reverse=True)
+    return [{"name": e.key, "us_per_call": self_us(e) / iters, "calls_per_call": e.count / iters}
+            for e in events[:top]]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_script_options(parser)
     parser.add_argument("--shapes", nargs="+", type=parse_shape,
                         default=[(2048, 1024, 1024), (1024, 4096, 4096)], help="TxINxOUT")
     parser.add_argument("--ranks", nargs="+", type=int, default=[8, 64])
+    parser.add_argument("--profile", nargs="*", metavar="CASE",
+                        help="also list each named case's top kernels (CUDA) or operators (CPU) "
+                             "by self time per call (torch.profiler); no names: the floor and GiVA native")
     args = parser.parse_args(argv)
 
     device, dtype, report = script_setup(args)
@@ -99,13 +128,24 @@ def main(argv=None):
                                           before=lambda: clear_grads(x, *modules))
             floor = medians["nn.Linear (floor)"]
             print(f"\nT={T}, {n_in}x{n_out}, r={r}")
-            print(f"  {'case':<20}{'ms':>10}{'ratio':>8}{'saved MiB':>11}")
+            print(f"  {'case':<20}{'ms':>10}{'ratio':>8}{'adapter ms':>12}{'saved MiB':>11}")
             for name, seconds in medians.items():
                 mib = saved_mib(cases[name], x, grad_y, modules)
-                print(f"  {name:<20}{seconds * 1e3:>10.2f}{seconds / floor:>8.3f}{mib:>11.2f}")
+                print(f"  {name:<20}{seconds * 1e3:>10.3f}{seconds / floor:>8.3f}"
+                      f"{(seconds - floor) * 1e3:>12.3f}{mib:>11.2f}")
                 report["results"].append({"T": T, "in": n_in, "out": n_out, "r": r, "case": name,
                                           "median_s": seconds, "ratio": seconds / floor,
-                                          "saved_mib": mib})
+                                          "adapter_s": seconds - floor, "saved_mib": mib})
+            if args.profile is not None:
+                for name in args.profile or ["nn.Linear (floor)", "GiVA native"]:
+                    if name not in calls:
+                        continue
+                    rows = kernel_profile(calls[name], lambda: clear_grads(x, *modules), device)
+                    print(f"  profile of {name} (self time per call):")
+                    for row in rows:
+                        print(f"    {row['us_per_call']:>10.1f} us  x{row['calls_per_call']:<4g} {row['name'][:90]}")
+                    report.setdefault("profiles", []).append(
+                        {"T": T, "in": n_in, "out": n_out, "r": r, "case": name, "top": rows})
         pass_s = pass_cost(base, x, device, args.reps, args.warmup)
         floor = next(row["median_s"] for row in reversed(report["results"])
                      if row["case"] == "nn.Linear (floor)")
