@@ -134,6 +134,27 @@ def test_grid_geometry(emulated, sms, n_sms, dtype):
     _assert_backward(emulated.linear_backward(gy, s, *rest, [True, True, True]), gy, s, rest, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_results_do_not_depend_on_thread_order(emulated, monkeypatch, sms, dtype):
+    """Every output, bit for bit, under other orders of the threads between barriers: a kernel that
+    read what another thread writes without a barrier between would see a different value.
+    1 SM: expand blocks loop over several row tiles, reusing their shared tile."""
+    sms(1)
+    shape = (150, 300, 260, 7)
+    t = _cpu_inputs(*shape, dtype=dtype)
+    gy, s, rest = _backward_case(*shape, dtype)
+
+    def run():
+        return (*emulated.linear_forward(*_args(t)),
+                *emulated.linear_backward(gy, s, *rest, [True, True, True]))
+
+    expected = run()
+    for order in ("reverse", "shuffle:1", "shuffle:2"):
+        monkeypatch.setenv("GIVA_EMULATED_ORDER", order)
+        for name, a, b in zip(("y", "s", "grad_x", "grad_lambda_s", "grad_lambda_o"), run(), expected):
+            assert torch.equal(a, b), f"{name} differs under thread order {order}"
+
+
 @pytest.mark.parametrize("r", [6, 12], ids=["fused", "cublas"])
 @pytest.mark.parametrize("mask", list(itertools.product([False, True], repeat=3)), ids=str)
 def test_backward_output_mask(emulated, mask, r):

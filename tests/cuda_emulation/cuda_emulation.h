@@ -5,13 +5,16 @@
 //
 // A launch runs the grid's blocks one after another; the threads of a block are fibers (ucontext)
 // on the calling thread, switched only where a thread waits: at __syncthreads() and inside a warp
-// shuffle. So every interleaving the barriers allow is one fixed order (deterministic), all of a
-// block's threads must reach each barrier (a divergent __syncthreads() is reported as a deadlock,
-// not hung), and shared memory is a function-local static (one block at a time).
+// shuffle. The scheduler resumes the waiting threads round by round in an order set by
+// GIVA_EMULATED_ORDER: "forward" (thread 0 first, the default), "reverse", or "shuffle:SEED" (a
+// new random order every round). Each order is deterministic; a kernel whose result changes with
+// the order reads memory that another thread writes without a barrier between them (a race).
+// All of a block's threads must reach each barrier (a divergent __syncthreads() is reported as a
+// deadlock, not hung), and shared memory is a function-local static (one block at a time).
 //
-// What it cannot show: speed, races the barriers would not order on a GPU (compute-sanitizer's
-// racecheck on a GPU does), and real device properties (the SM count is GIVA_EMULATED_SMS, 4 by
-// default, and occupancy is 1 block per SM).
+// What it cannot show: speed, races that no tried order exposes (compute-sanitizer's racecheck on
+// a GPU looks at every access), and real device properties (the SM count is GIVA_EMULATED_SMS, 4
+// by default, and occupancy is 1 block per SM).
 #pragma once
 
 #define GIVA_CUDA_EMULATION 1
@@ -19,12 +22,16 @@
 #include <ATen/ATen.h>
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <numeric>
 #include <optional>
+#include <random>
+#include <string>
 #include <vector>
 
 #define __global__
@@ -131,10 +138,19 @@ inline void run_block(int threads, const std::function<void()>& body) {
     f.context.uc_link = &b.scheduler;
     makecontext(&f.context, fiber_main, 0);
   }
+  std::vector<size_t> order(threads);
+  std::iota(order.begin(), order.end(), size_t{0});
+  const std::string how = std::getenv("GIVA_EMULATED_ORDER") ? std::getenv("GIVA_EMULATED_ORDER") : "";
+  const bool shuffle = how.rfind("shuffle:", 0) == 0;
+  TORCH_CHECK(how.empty() || how == "forward" || how == "reverse" || shuffle,
+              "GIVA_EMULATED_ORDER must be forward, reverse or shuffle:SEED, got ", how);
+  if (how == "reverse") std::reverse(order.begin(), order.end());
+  std::mt19937 rng(shuffle ? std::stoul(how.substr(8)) * 65537u + blockIdx.y * 4099u + blockIdx.x : 0);
   int live = threads;
   while (live > 0) {
     const uint64_t events_before = b.events;
-    for (size_t i = 0; i < b.fibers.size(); ++i) {
+    if (shuffle) std::shuffle(order.begin(), order.end(), rng);
+    for (const size_t i : order) {
       if (b.fibers[i].done) continue;
       b.current = i;
       threadIdx = dim3(static_cast<unsigned>(i));
