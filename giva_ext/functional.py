@@ -21,6 +21,13 @@ def giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, dropout: float = 0.0,
     reference runs (same math, same saved tensors) or, for dropout or trainable frozen tensors, the
     plain autograd composite.
     """
+    # The weights are cast to x's dtype (autocast hands a bf16 x to an fp32 layer), so x's dtype
+    # must be a float one, and x's features the layer's: checked here, where the message can say so.
+    if not x.is_floating_point():
+        raise TypeError(f"giva_linear: x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"giva_linear: x has shape {tuple(x.shape)}; its last dimension must be the "
+                         f"layer's in_features, {weight.shape[1]}")
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     dtype = x.dtype
     # Per layer and step: skip the no-op casts (a Python round trip each).

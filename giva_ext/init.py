@@ -506,6 +506,11 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
                 if p == 0:
                     if total == 0:
                         raise ValueError("init_bases got an empty batch iterable")
+                    if total < count * world:
+                        warnings.warn(f"init_bases: the batches ran out after {total} of the {count * world} "
+                                      f"asked for ({count} per process, num_batches or the config's "
+                                      "grad_batches); the gradient is their mean", RuntimeWarning,
+                                      stacklevel=2)
                     state["total"] = total
                     state["zero"] = [u.name for u in units if u.acc.is_zero()]
                     if state["zero"] and on_zero_grad == "error":

@@ -28,7 +28,7 @@ from torch import nn
 from .config import GiVAConfig
 from .layer import linear_shape
 from .model import _modules_to_save, apply_giva, check_unmerged, find_targets, get_config, giva_layers
-from .serialization import CONFIG_NAME, WEIGHTS_NAME, _atomic_write
+from .serialization import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, check_finite_tensors
 
 # PeftModel wraps the tuner (base_model) around the user's model (model); saved keys keep both.
 PEFT_PREFIX = "base_model.model."
@@ -63,6 +63,7 @@ def export_lora(model: nn.Module, path: str | os.PathLike) -> Path:
     for mname, module in _modules_to_save(model, config).items():
         for key, value in module.state_dict().items():
             tensors[f"{PEFT_PREFIX}{mname}.{key}"] = value.detach().cpu().contiguous().clone()
+    check_finite_tensors(tensors)  # as save_adapter: a NaN written out would only surface in PEFT
     ranks = {name: layer.r for name, layer in layers.items()}
     pattern = _lora_rank_pattern(ranks, config.r)
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None

@@ -1,6 +1,7 @@
 """GiVALinear: a frozen linear layer plus the GiVA adapter diag(lambda_o) B diag(lambda_s) A."""
 from __future__ import annotations
 
+import hashlib
 import sys
 
 import torch
@@ -35,6 +36,32 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     if is_conv1d(module):
         return module.nx, module.nf
     return None
+
+
+def weight_sha256(weight: torch.Tensor) -> str:
+    """SHA-256 of a base weight's bytes: the fingerprint adapter files and init caches record.
+
+    Cached on the tensor until it changes in place (its version counter) or gets other storage.
+    GiVALinear.unmerge() sets the cache to the digest from before merge(), so the rounding of a
+    merge/unmerge round trip (W + dW - dW differs from W in the last bit) does not make the layer
+    look like another base model."""
+    key = _version_key(weight)
+    cached = getattr(weight, "_giva_sha256", None)
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    digest = hashlib.sha256(weight.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+    if key is not None:
+        weight._giva_sha256 = (key, digest)
+    return digest
+
+
+def _version_key(t: torch.Tensor) -> tuple[int, int] | None:
+    """(version counter, storage address): changes whenever the tensor's values may have changed.
+    None for inference tensors, which keep no version counter."""
+    try:
+        return t._version, t.data_ptr()
+    except RuntimeError:
+        return None
 
 
 def block_bases(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +147,7 @@ class GiVALinear(nn.Module):
         self.fan_in_fan_out = is_conv1d(base)
         self.in_features, self.out_features = in_features, out_features
         self.merged = False
+        self._premerge_sha256: str | None = None  # weight_sha256 of the base before merge()
         self.adapters = nn.ModuleDict({adapter_name: first})
         self.active_adapter: str | None = adapter_name
         # Per-row adapter choice of a mixed batch (set by giva_ext.mixed_adapters): (row ids into
@@ -234,21 +262,29 @@ class GiVALinear(nn.Module):
         factors = [t.detach().to(acc) for t in (self.A, self.B, self.lambda_s, self.lambda_o)]
         return reference.delta_weight(*factors).to(self.base.weight.dtype)
 
-    def merge(self) -> None:
-        """Fold the active adapter into base.weight; forward then runs the plain base layer."""
+    def merge(self, keep_fingerprint: bool = True) -> None:
+        """Fold the active adapter into base.weight; forward then runs the plain base layer.
+        keep_fingerprint: remember the base weight's fingerprint (weight_sha256) for unmerge();
+        merge_and_unload, which never unmerges, skips hashing the weight."""
         if self.merged:
             raise RuntimeError("layer is already merged")
         delta = self.delta_weight()
+        self._premerge_sha256 = weight_sha256(self.base.weight) if keep_fingerprint else None
         with torch.no_grad():
             self.weight_out_in().add_(delta)  # in place through the view
         self.merged = True
 
     def unmerge(self) -> None:
-        """Undo merge (exact up to the weight dtype's rounding)."""
+        """Undo merge: exact up to the weight dtype's rounding, and the weight keeps the fingerprint
+        it had before merge() (see weight_sha256)."""
         if not self.merged:
             raise RuntimeError("layer is not merged")
         with torch.no_grad():
             self.weight_out_in().sub_(self.delta_weight())
+        key = _version_key(self.base.weight)
+        if key is not None and self._premerge_sha256 is not None:
+            self.base.weight._giva_sha256 = (key, self._premerge_sha256)
+        self._premerge_sha256 = None
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,19 @@ def _modules_to_save(model: nn.Module, config: GiVAConfig) -> dict[str, nn.Modul
             raise ValueError(f"modules_to_save entry {pattern!r} matches no module of the model")
         found.update(hits)
     return found
+
+
+def _check_heads(targets: dict[str, nn.Module], heads: dict[str, nn.Module]) -> None:
+    """ValueError if a module of modules_to_save is, holds or sits inside a target: it would train
+    (and be saved) the base weight that the adapter needs frozen and fingerprints."""
+    for head in heads:
+        for target in targets:
+            if head == target or target.startswith(head + ".") or head.startswith(target + "."):
+                relation = ("is" if head == target else "holds" if target.startswith(head + ".")
+                            else "is inside")
+                raise ValueError(f"modules_to_save module {head!r} {relation} the target {target!r}: "
+                                 "a target's base weight stays frozen, so a module to save must be "
+                                 "outside every target")
 
 
 def _excluded_heads(model: nn.Module, config: GiVAConfig) -> set[str]:
@@ -59,9 +73,20 @@ def find_targets(model: nn.Module, config: GiVAConfig) -> dict[str, nn.Module]:
             regex = re.compile(spec)
         except re.error as exc:
             raise ValueError(f"target_modules regex {spec!r} is invalid: {exc}") from exc
-        chosen = {n: m for n, m in candidates.items() if regex.fullmatch(n)}
+        matched = {n: m for n, m in candidates.items() if regex.fullmatch(n)}
+        # A pattern selects layers: the containers it also matches (a block, an attention module)
+        # are not targets. Names (below) are explicit, so a non-linear one is an error.
+        chosen = {n: m for n, m in matched.items() if linear_shape(m) is not None}
+        if matched and not chosen:
+            name, module = next(iter(matched.items()))
+            raise ValueError(f"target_modules regex {spec!r} matches no linear layer, only modules "
+                             f"such as {name!r} (a {type(module).__name__})")
     else:
         chosen = {n: m for n, m in candidates.items() if any(_matches(n, p) for p in spec)}
+        unused = [p for p in spec if not any(_matches(n, p) for n in chosen)]
+        if chosen and unused:
+            warnings.warn(f"target_modules entries {unused} match no module of the model (the others "
+                          f"select {len(chosen)} layers)", stacklevel=3)
     if not chosen:
         linears = [n for n, m in candidates.items() if linear_shape(m) is not None]
         raise ValueError(f"target_modules={spec!r} matches no module; linear layers of this model "
@@ -190,6 +215,7 @@ def apply_giva(model: nn.Module, config: GiVAConfig, adapter_name: str = "defaul
     targets = find_targets(model, config)
     _check_targets(targets, config)
     to_save = _modules_to_save(model, config)
+    _check_heads(targets, to_save)
 
     generator = torch.Generator().manual_seed(config.seed)
     model.requires_grad_(False)
@@ -235,7 +261,8 @@ def check_unmerged(layers: dict[str, GiVALinear], action: str) -> None:
 def _set_merged(model: nn.Module, merged: bool) -> nn.Module:
     layers = giva_layers(model)
     if not layers:
-        raise ValueError("model has no GiVA layers")
+        raise ValueError("model has no GiVA layers" if not wrapped_layers(model) else
+                         "no adapter of the model is active (set_adapter(model, name) activates one)")
     for name, layer in layers.items():
         if layer.merged == merged:
             raise RuntimeError(f"GiVA layer {name!r} is {'already' if merged else 'not'} merged")
@@ -262,7 +289,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         raise ValueError("model has no GiVA layers to merge")
     for name, layer in layers.items():
         if not layer.merged and layer.active_adapter is not None:
-            layer.merge()
+            layer.merge(keep_fingerprint=False)
         _replace(model, name, layer.base)
     for attr in ("giva_config", "giva_adapters", "giva_active_adapter"):
         if hasattr(model, attr):

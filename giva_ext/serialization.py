@@ -29,7 +29,7 @@ from torch import nn
 
 from .adapters import active_adapter, add_adapter, adapter_names, set_adapter
 from .config import GiVAConfig
-from .layer import GiVALinear, check_adapter_name, linear_shape
+from .layer import GiVALinear, check_adapter_name, linear_shape, weight_sha256
 from .model import (_modules_to_save, apply_giva, check_unmerged, chunks_for, find_targets, get_config,
                     giva_layers, register_adapter, wrapped_layers)
 from .version import __version__
@@ -60,9 +60,9 @@ def _tensor_digest(t: torch.Tensor) -> str:
 
 
 def weight_fingerprint(name: str, weight: torch.Tensor) -> dict:
-    """Name, shape, dtype and the SHA-256 of a base weight's bytes."""
+    """Name, shape, dtype and the SHA-256 of a base weight's bytes (weight_sha256)."""
     return {"name": name, "shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."),
-            "sha256": hashlib.sha256(_tensor_bytes(weight)).hexdigest()}
+            "sha256": weight_sha256(weight)}
 
 
 def check_fingerprint_schema(fingerprint) -> None:

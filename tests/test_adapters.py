@@ -116,6 +116,8 @@ def test_delete(three):
     assert set(g.wrapped_layers(model)) == {"blocks.0.query", "blocks.1.query"}  # the others unwrapped
     assert isinstance(model.blocks[0].out, nn.Linear)
     torch.testing.assert_close(model(IDS), plain(IDS))
+    with pytest.raises(ValueError, match="no adapter of the model is active"):
+        g.merge(model)
     g.set_adapter(model, "small")
     torch.testing.assert_close(model(IDS), with_delta(plain, model, "small")(IDS))
 

@@ -189,6 +189,13 @@ def test_empty_batches_and_missing_loss():
         g.init_bases(model, [torch.randn(2, 4)], progress=False)
 
 
+def test_fewer_batches_than_asked_warns():
+    model = g.apply_giva(nn.Sequential(nn.Linear(4, 4)), g.GiVAConfig(r=1, target_modules=["0"]))
+    batches = [(torch.randn(2, 4), torch.randn(2, 4)) for _ in range(2)]
+    with pytest.warns(RuntimeWarning, match="ran out after 2 of the 3 asked for"):
+        g.init_bases(model, batches, mse, num_batches=3, progress=False)
+
+
 def test_rank_deficient_gradient_warns_without_nan():
     model = g.apply_giva(nn.Sequential(nn.Linear(16, 16, bias=False)),
                          g.GiVAConfig(r=4, target_modules=["0"], init_mode="VrU2r"))

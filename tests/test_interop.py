@@ -59,6 +59,17 @@ def test_export_refuses_merged_model(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_refuses_non_finite_vectors(tmp_path):
+    model, _ = tiny("bert")
+    model = randomized(g.apply_giva(model, g.GiVAConfig(r=2)))
+    name, layer = next(iter(g.giva_layers(model).items()))
+    with torch.no_grad():
+        layer.lambda_o[0] = float("nan")
+    with pytest.raises(ValueError, match=rf"{name}\.lora_B\.weight.* NaN or Inf"):
+        g.export_lora(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def vera_checkpoint(kind, path, save_projection=True, **config):
     """A peft VeRA model on a tiny ``kind`` model with random lambdas, saved to ``path``."""
     model, batch = tiny(kind)

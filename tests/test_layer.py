@@ -154,6 +154,18 @@ def test_bad_rank_is_rejected(r):
         GiVALinear(12, 20, r=r)
 
 
+@pytest.mark.parametrize("x,error,message", [
+    (torch.ones(2, 12, dtype=torch.long), TypeError, "floating-point tensor, got torch.int64"),
+    (torch.ones(2, 13), ValueError, r"shape \(2, 13\); its last dimension must be the layer's in_features, 12"),
+    (torch.tensor(1.0), ValueError, "in_features, 12"),
+])
+def test_bad_input_is_named(x, error, message):
+    """nn.Linear refuses these too; an integer x must not meet weights cast to integers (zeros)."""
+    layer = GiVALinear(12, 20, r=2)
+    with pytest.raises(error, match=message):
+        layer(x)
+
+
 def test_set_bases_checks_shapes_and_resets_vectors():
     layer = GiVALinear(12, 10, r=2)
     randomize_vectors(layer)

@@ -110,6 +110,9 @@ def test_merge_in_bfloat16_within_dtype_tolerance():
     (dict(r=9, init_mode="VrU2r"), "needs rank 18"),
     (dict(r=17, init_mode="VrUr"), "needs rank 17"),
     (dict(modules_to_save=["head"]), "'head' matches no module"),
+    (dict(target_modules=["query"], modules_to_save=["query"]), "'blocks.0.query' is the target"),
+    (dict(target_modules=["query"], modules_to_save=["blocks.1"]), "'blocks.1' holds the target 'blocks.1.query'"),
+    (dict(target_modules=r"blocks\.0\.norm"), "matches no linear layer, only modules such as 'blocks.0.norm'"),
     (dict(target_modules="(unclosed"), "invalid"),
 ])
 def test_bad_configs_fail_before_the_model_changes(config, message):
@@ -127,6 +130,17 @@ def test_bad_configs_fail_before_the_model_changes(config, message):
 def test_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
         g.GiVAConfig(**{field: value})
+
+
+def test_regex_targets_skip_the_containers_it_also_matches():
+    model = g.apply_giva(Net(), g.GiVAConfig(r=2, target_modules=r"blocks\.0\..*"))
+    assert set(g.giva_layers(model)) == {"blocks.0.query", "blocks.0.value", "blocks.0.out"}
+
+
+def test_target_names_that_match_nothing_are_reported():
+    with pytest.warns(UserWarning, match=r"\['qwery'\] match no module"):
+        model = g.apply_giva(Net(), g.GiVAConfig(r=2, target_modules=["query", "qwery"]))
+    assert set(g.giva_layers(model)) == {"blocks.0.query", "blocks.1.query"}
 
 
 def test_apply_twice_is_refused():

@@ -94,6 +94,51 @@ def test_merged_model_cannot_be_saved(tmp_path):
     assert not (tmp_path / WEIGHTS_NAME).exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_save_after_merge_and_unmerge_loads_onto_the_pretrained_base(tmp_path, dtype):
+    """merge + unmerge leaves W a rounding away from the pretrained bytes (here some entries
+    differ), yet the adapter saved then still names the pretrained base; a real change to W
+    after the unmerge is still found."""
+    model = adapted().to(dtype)
+    pristine = fresh_base().to(dtype)
+    g.merge(model)
+    g.unmerge(model)
+    weights = [(layer.base.weight, pristine.get_submodule(name).weight)
+               for name, layer in g.giva_layers(model).items()]
+    assert any(not torch.equal(w, p) for w, p in weights)  # the round trip did round
+    g.save_adapter(model, tmp_path)
+    ids = torch.randint(0, 20, (4, 6))
+    loaded = g.load_adapter(pristine, tmp_path)
+    with torch.no_grad():
+        for name, layer in g.giva_layers(loaded).items():
+            model.get_submodule(name).base.weight.copy_(layer.base.weight)  # outputs comparable
+    assert torch.equal(loaded(ids), model(ids))
+
+    with torch.no_grad():
+        model.blocks[1].value.base.weight[0, 0] += 1  # a real change: the remembered digest is dropped
+    g.save_adapter(model, tmp_path / "changed")
+    with pytest.raises(ValueError, match="layer 'blocks.1.value' has sha256"):
+        g.load_adapter(fresh_base().to(dtype), tmp_path / "changed")
+
+
+def test_weight_digest_is_cached_until_the_weight_changes():
+    from giva_ext.layer import weight_sha256
+    import hashlib
+    w = torch.nn.Parameter(torch.randn(8, 5))
+    fresh = lambda t: hashlib.sha256(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+    assert weight_sha256(w) == fresh(w)
+    with torch.no_grad():
+        w.mul_(2)  # in place: version counter
+    assert weight_sha256(w) == fresh(w)
+    w.data = torch.randn(8, 5)  # new storage
+    assert weight_sha256(w) == fresh(w)
+    with torch.inference_mode():
+        t = torch.randn(3, 3)  # no version counter: never cached
+        assert weight_sha256(t) == fresh(t)
+        t.add_(1)
+        assert weight_sha256(t) == fresh(t)
+
+
 def test_missing_and_foreign_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
         g.load_adapter(fresh_base(), tmp_path)
