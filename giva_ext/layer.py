@@ -38,21 +38,34 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def weight_sha256(weight: torch.Tensor) -> str:
-    """SHA-256 of a base weight's bytes: the fingerprint adapter files and init caches record.
+# The precisions a float32 base is commonly cast to for serving: an adapter file also records the
+# digests of the weights cast to them, so it loads onto such a copy of the pretrained model.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def weight_digests(weight: torch.Tensor) -> dict[str, str]:
+    """The fingerprint digests of a base weight: "sha256" of its bytes and, for a float32 weight,
+    "sha256_bfloat16" / "sha256_float16" of its bytes cast to those dtypes.
 
     Cached on the tensor until it changes in place (its version counter) or gets other storage.
-    GiVALinear.unmerge() sets the cache to the digest from before merge(), so the rounding of a
+    GiVALinear.unmerge() puts back the digests from before merge(), so the rounding of a
     merge/unmerge round trip (W + dW - dW differs from W in the last bit) does not make the layer
     look like another base model."""
     key = _version_key(weight)
-    cached = getattr(weight, "_giva_sha256", None)
+    cached = getattr(weight, "_giva_digests", None)
     if key is not None and cached is not None and cached[0] == key:
-        return cached[1]
-    digest = hashlib.sha256(weight.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+        return dict(cached[1])
+    w = weight.detach()
+    digests = {"sha256": _sha256(w)}
+    if w.dtype == torch.float32:
+        digests.update({f"sha256_{str(d).removeprefix('torch.')}": _sha256(w.to(d)) for d in HALF_DTYPES})
     if key is not None:
-        weight._giva_sha256 = (key, digest)
-    return digest
+        weight._giva_digests = (key, digests)
+    return dict(digests)
+
+
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 def _version_key(t: torch.Tensor) -> tuple[int, int] | None:
@@ -147,7 +160,7 @@ class GiVALinear(nn.Module):
         self.fan_in_fan_out = is_conv1d(base)
         self.in_features, self.out_features = in_features, out_features
         self.merged = False
-        self._premerge_sha256: str | None = None  # weight_sha256 of the base before merge()
+        self._premerge_digests: dict | None = None  # weight_digests of the base before merge()
         self.adapters = nn.ModuleDict({adapter_name: first})
         self.active_adapter: str | None = adapter_name
         # Per-row adapter choice of a mixed batch (set by giva_ext.mixed_adapters): (row ids into
@@ -264,27 +277,27 @@ class GiVALinear(nn.Module):
 
     def merge(self, keep_fingerprint: bool = True) -> None:
         """Fold the active adapter into base.weight; forward then runs the plain base layer.
-        keep_fingerprint: remember the base weight's fingerprint (weight_sha256) for unmerge();
+        keep_fingerprint: remember the base weight's fingerprint (weight_digests) for unmerge();
         merge_and_unload, which never unmerges, skips hashing the weight."""
         if self.merged:
             raise RuntimeError("layer is already merged")
         delta = self.delta_weight()
-        self._premerge_sha256 = weight_sha256(self.base.weight) if keep_fingerprint else None
+        self._premerge_digests = weight_digests(self.base.weight) if keep_fingerprint else None
         with torch.no_grad():
             self.weight_out_in().add_(delta)  # in place through the view
         self.merged = True
 
     def unmerge(self) -> None:
         """Undo merge: exact up to the weight dtype's rounding, and the weight keeps the fingerprint
-        it had before merge() (see weight_sha256)."""
+        it had before merge() (see weight_digests)."""
         if not self.merged:
             raise RuntimeError("layer is not merged")
         with torch.no_grad():
             self.weight_out_in().sub_(self.delta_weight())
         key = _version_key(self.base.weight)
-        if key is not None and self._premerge_sha256 is not None:
-            self.base.weight._giva_sha256 = (key, self._premerge_sha256)
-        self._premerge_sha256 = None
+        if key is not None and self._premerge_digests is not None:
+            self.base.weight._giva_digests = (key, self._premerge_digests)
+        self._premerge_digests = None
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch import nn
 
 from .adapters import active_adapter, add_adapter, adapter_names, set_adapter
 from .config import GiVAConfig
-from .layer import GiVALinear, check_adapter_name, linear_shape, weight_sha256
+from .layer import GiVALinear, check_adapter_name, linear_shape, weight_digests
 from .model import (_modules_to_save, apply_giva, check_unmerged, chunks_for, find_targets, get_config,
                     giva_layers, register_adapter, wrapped_layers)
 from .version import __version__
@@ -60,9 +60,10 @@ def _tensor_digest(t: torch.Tensor) -> str:
 
 
 def weight_fingerprint(name: str, weight: torch.Tensor) -> dict:
-    """Name, shape, dtype and the SHA-256 of a base weight's bytes (weight_sha256)."""
+    """Name, shape, dtype and the SHA-256 digests of a base weight's bytes (weight_digests: a
+    float32 weight's also as bfloat16 and float16)."""
     return {"name": name, "shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."),
-            "sha256": weight_sha256(weight)}
+            **weight_digests(weight)}
 
 
 def check_fingerprint_schema(fingerprint) -> None:
@@ -262,6 +263,11 @@ def _check_fingerprint(saved: list[dict], targets: dict[str, nn.Module]) -> None
                          f"not in adapter {extra[:3]}")
     for entry in saved:
         now = weight_fingerprint(entry["name"], _base_weight(targets[entry["name"]]))
+        # A half-precision copy of the float32 base the adapter was saved on matches the digest of
+        # that base cast to its dtype.
+        cast_digest = f"sha256_{now['dtype']}"
+        if now["dtype"] != entry["dtype"] and isinstance(entry.get(cast_digest), str):
+            entry = {**entry, "dtype": now["dtype"], "sha256": entry[cast_digest]}
         for key in ("shape", "dtype", "sha256"):
             if now[key] != entry[key]:
                 hint = (" (transposed: one of them is a transformers Conv1D, which stores its weight "

@@ -121,22 +121,48 @@ def test_save_after_merge_and_unmerge_loads_onto_the_pretrained_base(tmp_path, d
         g.load_adapter(fresh_base().to(dtype), tmp_path / "changed")
 
 
-def test_weight_digest_is_cached_until_the_weight_changes():
-    from giva_ext.layer import weight_sha256
+def test_weight_digests_are_cached_until_the_weight_changes():
     import hashlib
+    from giva_ext.layer import weight_digests
+
+    def fresh(t):
+        sha = lambda u: hashlib.sha256(u.detach().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+        extra = ({f"sha256_{n}": sha(t.to(getattr(torch, n))) for n in ("bfloat16", "float16")}
+                 if t.dtype == torch.float32 else {})
+        return {"sha256": sha(t), **extra}
+
     w = torch.nn.Parameter(torch.randn(8, 5))
-    fresh = lambda t: hashlib.sha256(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
-    assert weight_sha256(w) == fresh(w)
+    assert weight_digests(w) == fresh(w) and len(fresh(w)) == 3
     with torch.no_grad():
         w.mul_(2)  # in place: version counter
-    assert weight_sha256(w) == fresh(w)
+    assert weight_digests(w) == fresh(w)
     w.data = torch.randn(8, 5)  # new storage
-    assert weight_sha256(w) == fresh(w)
+    assert weight_digests(w) == fresh(w)
     with torch.inference_mode():
-        t = torch.randn(3, 3)  # no version counter: never cached
-        assert weight_sha256(t) == fresh(t)
+        t = torch.randn(3, 3, dtype=torch.bfloat16)  # no version counter: never cached
+        assert weight_digests(t) == fresh(t) and len(fresh(t)) == 1
         t.add_(1)
-        assert weight_sha256(t) == fresh(t)
+        assert weight_digests(t) == fresh(t)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_adapter_of_a_float32_base_loads_onto_its_half_precision_copy(tmp_path, dtype):
+    """Train in fp32, serve in bf16/fp16: the file's digests of the base cast to those dtypes
+    identify the cast copy exactly; a half-precision copy of another base is still refused."""
+    model = adapted()
+    g.save_adapter(model, tmp_path)
+    served = g.load_adapter(fresh_base().to(dtype), tmp_path)
+    ids = torch.randint(0, 20, (4, 6))
+    torch.testing.assert_close(served(ids).float(), model(ids), rtol=0.05, atol=0.05)
+    for name, layer in g.giva_layers(served).items():
+        assert layer.lambda_o.dtype == dtype
+        torch.testing.assert_close(layer.lambda_o.float(), model.get_submodule(name).lambda_o,
+                                   rtol=1e-2, atol=1e-3)
+    other = fresh_base()
+    with torch.no_grad():
+        other.blocks[1].value.weight[0, 0] += 1e-2
+    with pytest.raises(ValueError, match="layer 'blocks.1.value' has sha256"):
+        g.load_adapter(other.to(dtype), tmp_path)
 
 
 def test_missing_and_foreign_files(tmp_path):
