@@ -48,6 +48,8 @@ def randomized_svd(matrix: torch.Tensor, k: int, oversample: int = 8, niter: int
     *batch, m, n = matrix.shape
     if not 0 < k <= min(m, n):
         raise ValueError(f"randomized_svd: k must be in [1, {min(m, n)}] for a {m}x{n} matrix, got {k}")
+    if not torch.isfinite(matrix).all():
+        raise ValueError("randomized_svd: the matrix holds NaN or Inf")
     dtype = matrix.dtype if matrix.dtype in (torch.float32, torch.float64) else torch.float32
     width = min(k + oversample, m, n)
     omega = torch.randn(*batch, n, width, generator=generator, dtype=torch.float32)

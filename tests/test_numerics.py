@@ -152,6 +152,14 @@ def test_init_refuses_a_gradient_sum_that_overflows(svd):
                  huge_gradient, svd=svd)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_randomized_svd_refuses_non_finite(bad):
+    m = torch.randn(6, 5)
+    m[2, 3] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        g.randomized_svd(m, 2)
+
+
 def test_finiteness_screen_is_only_a_shortcut(monkeypatch):
     """The one-sum screen: NaN or Inf always trips it, and finite values whose sum overflows may too
     (a false alarm); init and check_finite then look element by element, so nothing is refused that
