@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars (logs only)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship in a pip package; never download
     if args.threads:
@@ -75,11 +76,11 @@ def main() -> None:
         per_device_eval_batch_size=256, learning_rate=args.lr,
         weight_decay=0.0,  # decay would pull lambda_s away from its init of 1
         save_strategy="epoch", save_total_limit=1, logging_steps=50, report_to=[], seed=args.seed,
-        dataloader_pin_memory=False, disable_tqdm=True)
+        dataloader_pin_memory=False, disable_tqdm=args.no_progress)
     trainer = transformers.Trainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=test,
         data_collator=transformers.DataCollatorWithPadding(tokenizer), compute_metrics=accuracy,
-        callbacks=[GiVAInitCallback(progress=False)])
+        callbacks=[GiVAInitCallback(progress=not args.no_progress)])
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
