@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import GiVAConfig
-from .layer import GiVALinear, check_adapter_name
+from .layer import GiVALinear, UnknownAdapterError, check_adapter_name
 from .model import (_check_targets, _replace, activate, chunks_for, find_targets, get_config,
                     register_adapter, wrapped_layers)
 
@@ -42,7 +42,7 @@ def active_adapter(model: nn.Module) -> str | None:
 def _check_known(model: nn.Module, name: str) -> None:
     names = adapter_names(model)
     if name not in names:
-        raise KeyError(f"the model has no adapter named {name!r}; it has {names}")
+        raise UnknownAdapterError(f"the model has no adapter named {name!r}; it has {names}")
 
 
 def add_adapter(model: nn.Module, name: str, config: GiVAConfig) -> nn.Module:
@@ -143,7 +143,8 @@ def _row_ids(model: nn.Module, adapters, names: list[str], device: torch.device)
                         f"of ids, got {type(adapters).__name__}")
     for row, entry in enumerate(adapters):
         if entry is not None and entry not in names:
-            raise KeyError(f"row {row} names adapter {entry!r}; the model has {names}")
+            hint = " (ids go in a LongTensor; a list holds names)" if isinstance(entry, int) else ""
+            raise UnknownAdapterError(f"row {row} names adapter {entry!r}{hint}; the model has {names}")
     return torch.tensor([-1 if e is None else names.index(e) for e in adapters], dtype=torch.long,
                         device=device)
 

@@ -112,6 +112,14 @@ class GiVAAdapter(nn.Module):
         return f"r={self.r}, dropout={self.dropout}" + (f", chunks={self.chunks}" if self.chunks > 1 else "")
 
 
+class UnknownAdapterError(KeyError):
+    """A KeyError for an adapter the model or layer does not have. Its message prints as written
+    (a plain KeyError shows it in quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def check_adapter_name(name) -> None:
     """Adapter names key module dicts and file folders: a non-empty str without '.', '/' or '\\'."""
     if not isinstance(name, str) or not name or any(c in name for c in "./\\") or name != name.strip():
@@ -196,7 +204,7 @@ class GiVALinear(nn.Module):
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name``; deleting the active one leaves the layer with none active."""
         if name not in self.adapters:
-            raise KeyError(f"no adapter named {name!r} (this layer has {list(self.adapters)})")
+            raise UnknownAdapterError(f"no adapter named {name!r} (this layer has {list(self.adapters)})")
         if self.merged and name == self.active_adapter:
             raise RuntimeError(f"adapter {name!r} is merged into the base weight; unmerge it first")
         del self.adapters[name]
@@ -206,7 +214,7 @@ class GiVALinear(nn.Module):
     def set_adapter(self, name: str | None) -> None:
         """Make ``name`` the active adapter, or None to run the bare base layer."""
         if name is not None and name not in self.adapters:
-            raise KeyError(f"no adapter named {name!r} (this layer has {list(self.adapters)})")
+            raise UnknownAdapterError(f"no adapter named {name!r} (this layer has {list(self.adapters)})")
         if self.merged and name != self.active_adapter:
             raise RuntimeError(f"adapter {self.active_adapter!r} is merged; unmerge before switching")
         self.active_adapter = name

@@ -29,7 +29,7 @@ from torch import nn
 
 from .adapters import active_adapter, add_adapter, adapter_names, set_adapter
 from .config import GiVAConfig
-from .layer import GiVALinear, check_adapter_name, linear_shape, weight_digests
+from .layer import GiVALinear, UnknownAdapterError, check_adapter_name, linear_shape, weight_digests
 from .model import (_modules_to_save, apply_giva, check_unmerged, chunks_for, find_targets, get_config,
                     giva_layers, register_adapter, wrapped_layers)
 from .version import __version__
@@ -164,7 +164,7 @@ def _adapter_config(model: nn.Module, adapter_name: str | None) -> tuple[str | N
         return active_adapter(model), get_config(model)
     configs = getattr(model, "giva_adapters", None) or {}
     if adapter_name not in configs:
-        raise KeyError(f"the model has no adapter named {adapter_name!r}; it has {list(configs)}")
+        raise UnknownAdapterError(f"the model has no adapter named {adapter_name!r}; it has {list(configs)}")
     return adapter_name, configs[adapter_name]
 
 
@@ -392,7 +392,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
                 module.load_state_dict({k[len(prefix):]: t for k, t in tensors.items()
                                         if k.startswith(prefix)})
     except (ValueError, TypeError, RuntimeError, KeyError) as exc:
-        kind = next(k for k in (ValueError, TypeError, RuntimeError, KeyError) if isinstance(exc, k))
+        # The same kind of error, prefixed by the file (a KeyError as one that prints plainly).
+        kind = UnknownAdapterError if isinstance(exc, KeyError) else next(
+            k for k in (ValueError, TypeError, RuntimeError) if isinstance(exc, k))
         raise kind(f"{file}: {exc}") from exc
     _check_config_file(file.parent / CONFIG_NAME, text)
     return model

@@ -231,8 +231,12 @@ def _logits(model, name, ids):
 
 def test_mixed_batch_errors_before_running(three):
     _, model = three
-    with pytest.raises(KeyError, match="row 1 names adapter 'nope'"):
+    with pytest.raises(KeyError, match="row 1 names adapter 'nope'") as info:
         with g.mixed_adapters(model, ["wide", "nope"]):
+            pass
+    assert str(info.value).startswith("row 1")  # printed as written, not in quotes
+    with pytest.raises(KeyError, match=r"names adapter 0 \(ids go in a LongTensor"):
+        with g.mixed_adapters(model, [0, None]):
             pass
     with pytest.raises(ValueError, match="adapter id 3 of row 0 is not in"):
         with g.mixed_adapters(model, torch.tensor([3, 0])):
