@@ -146,7 +146,7 @@ def layer_tables(rows: list[dict]) -> list[str]:
                             "GiVA native ÷ PEFT LoRA"], body, "llrrr" + "r" * (len(others) + 1))
                    + "\n\nPeers: " + "; ".join(f"{peers[p]['label']}: {peers[p]['impl']}" for p in peers)
                    + ". PEFT peers with dropout 0 and the layer's dtype (`autocast_adapter_dtype=False`),"
-                     " LoRA with alpha = r.")
+                     " LoRA with alpha = r; GiVA with its default float32 vectors.")
     return out
 
 

@@ -75,10 +75,12 @@ def add_adapter(model: nn.Module, name: str, config: GiVAConfig) -> nn.Module:
     for target, module in targets.items():
         chunks = chunks_for(target, config)
         if isinstance(module, GiVALinear):
-            module.add_adapter(name, chunks * config.r, chunks, config.dropout, generator)
+            module.add_adapter(name, chunks * config.r, chunks, config.dropout, generator,
+                               config.autocast_adapter_dtype)
         else:
             _replace(model, target, GiVALinear.from_linear(module, chunks * config.r, config.dropout,
-                                                           generator, chunks, name))
+                                                           generator, chunks, name,
+                                                           config.autocast_adapter_dtype))
     register_adapter(model, name, config)
     activate(model, active)  # new layers start bare unless ``name`` is active; flags follow
     return model

@@ -24,6 +24,9 @@ class GiVAConfig:
     dropout: dropout on the adapter's input during training (the base layer sees x unchanged).
     modules_to_save: modules that train fully and are saved with the adapter (e.g. a new head).
     seed: seeds the random bases and the randomized SVD, so init is deterministic.
+    autocast_adapter_dtype: on a float16 / bfloat16 model, keep the trainable vectors in float32
+        (as PEFT does by default): their optimizer updates and gradients keep float32 precision.
+        False: the vectors take the base weights' dtype.
     fused_chunks: {target name: n} for fused projections whose output is n equal chunks (GPT-2's
         c_attn is q, k, v: {"c_attn": 3}). Each chunk gets its own rank-r adapter with bases from
         its own rows of the gradient, so the layer has rank n * r and a block-diagonal B. Names
@@ -38,6 +41,7 @@ class GiVAConfig:
     modules_to_save: list[str] = field(default_factory=list)
     seed: int = 0
     fused_chunks: dict[str, int] = field(default_factory=dict)
+    autocast_adapter_dtype: bool = True
 
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
@@ -68,6 +72,8 @@ class GiVAConfig:
             raise ValueError("GiVAConfig.fused_chunks must map module names to positive ints, "
                              f"got {self.fused_chunks!r}")
         self.fused_chunks = chunks
+        if not isinstance(self.autocast_adapter_dtype, bool):
+            raise ValueError(f"GiVAConfig.autocast_adapter_dtype must be a bool, got {self.autocast_adapter_dtype!r}")
 
     def rank_needed(self, init_mode: str | None = None) -> int:
         """Singular directions the init needs: 2r for VrU2r, r otherwise."""

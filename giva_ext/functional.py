@@ -7,8 +7,14 @@ import torch.nn.functional as F
 from . import ops, reference
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _composite(x, weight, bias, A, B, lambda_s, lambda_o, adapter_input):
-    """Plain autograd graph: used when a frozen tensor requires grad or adapter dropout is active."""
+    """Plain autograd graph: used when a frozen tensor requires grad or adapter dropout is active.
+    Float32 vectors beside half-precision x are used in x's dtype (their gradients come back in
+    float32 through the cast)."""
+    lambda_s, lambda_o = lambda_s.to(x.dtype), lambda_o.to(x.dtype)
     s = adapter_input @ A.t()
     return F.linear(x, weight, bias).addmm(s * lambda_s, (B * lambda_o[:, None]).t())
 
@@ -35,8 +41,13 @@ def giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, dropout: float = 0.0,
         weight = weight.to(dtype)
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
-    if A.dtype != dtype or B.dtype != dtype or lambda_s.dtype != dtype or lambda_o.dtype != dtype:
-        A, B, lambda_s, lambda_o = A.to(dtype), B.to(dtype), lambda_s.to(dtype), lambda_o.to(dtype)
+    if A.dtype != dtype or B.dtype != dtype:
+        A, B = A.to(dtype), B.to(dtype)
+    # The vectors stay float32 beside float16 / bfloat16 x (the ops take them so: the optimizer's
+    # float32 parameters, and their gradients formed in float32); any other mismatch is cast.
+    vector_dtype = torch.float32 if lambda_s.dtype == torch.float32 and dtype in _HALF else dtype
+    if lambda_s.dtype != vector_dtype or lambda_o.dtype != vector_dtype:
+        lambda_s, lambda_o = lambda_s.to(vector_dtype), lambda_o.to(vector_dtype)
     frozen_need_grad = torch.is_grad_enabled() and (
         weight.requires_grad or A.requires_grad or B.requires_grad
         or (bias is not None and bias.requires_grad))

@@ -83,13 +83,25 @@ def block_bases(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
     return torch.cat([A for A, _ in parts]), torch.block_diag(*[B for _, B in parts])
 
 
+def vector_dtype_for(weight_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype of the trainable vectors beside a base weight of ``weight_dtype``: float32 for a
+    float16 / bfloat16 base when ``autocast_adapter_dtype`` (as PEFT keeps its adapters: the
+    optimizer updates and their gradients stay in float32; the fused op takes them so), else the
+    weight's dtype."""
+    if autocast_adapter_dtype and weight_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return weight_dtype
+
+
 class GiVAAdapter(nn.Module):
     """One named adapter of a GiVALinear: frozen bases A (r, in) and B (out, r), trainable
     lambda_s (r,) and lambda_o (out,). Starts at lambda_s = 1, lambda_o = 0 (adds exactly zero) with
-    random orthonormal bases (block-diagonal B with ``chunks`` > 1)."""
+    random orthonormal bases (block-diagonal B with ``chunks`` > 1). The bases are in ``dtype``
+    (the base layer's), the vectors in ``vector_dtype`` (default: the same; see vector_dtype_for)."""
 
     def __init__(self, in_features: int, out_features: int, r: int, chunks: int = 1,
-                 dropout: float = 0.0, generator: torch.Generator | None = None, dtype=None, device=None):
+                 dropout: float = 0.0, generator: torch.Generator | None = None, dtype=None, device=None,
+                 vector_dtype=None):
         super().__init__()
         check_rank(r, in_features, out_features, needed=1)  # a positive int; the bound comes next
         if not isinstance(chunks, int) or chunks <= 0 or out_features % chunks or r % chunks:
@@ -105,8 +117,9 @@ class GiVAAdapter(nn.Module):
         A, B = block_bases(parts)
         self.register_buffer("A", A)
         self.register_buffer("B", B)
-        self.lambda_s = nn.Parameter(torch.ones(r, dtype=dtype, device=device))
-        self.lambda_o = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        vector_dtype = vector_dtype or dtype
+        self.lambda_s = nn.Parameter(torch.ones(r, dtype=vector_dtype, device=device))
+        self.lambda_o = nn.Parameter(torch.zeros(out_features, dtype=vector_dtype, device=device))
 
     def extra_repr(self) -> str:
         return f"r={self.r}, dropout={self.dropout}" + (f", chunks={self.chunks}" if self.chunks > 1 else "")
@@ -145,13 +158,14 @@ class GiVALinear(nn.Module):
     ``A``, ``B``, ``lambda_s``, ``lambda_o``, ``r``, ``chunks`` and ``dropout`` are the active one's.
 
     Build it standalone, ``GiVALinear(in_features, out_features, r, bias=True)``, or around an
-    existing layer, ``GiVALinear.from_linear(linear, r)``.
+    existing layer, ``GiVALinear.from_linear(linear, r)``. On a float16 / bfloat16 base the vectors
+    are float32 unless ``autocast_adapter_dtype=False`` (see vector_dtype_for).
     """
 
     def __init__(self, in_features: int, out_features: int, r: int, bias: bool = True,
                  dropout: float = 0.0, device=None, dtype=None, *, base: nn.Module | None = None,
                  generator: torch.Generator | None = None, chunks: int = 1,
-                 adapter_name: str = "default"):
+                 adapter_name: str = "default", autocast_adapter_dtype: bool = True):
         super().__init__()
         check_adapter_name(adapter_name)
         if base is not None and linear_shape(base) is None:
@@ -160,7 +174,9 @@ class GiVALinear(nn.Module):
             got_in, got_out = linear_shape(base)
             raise ValueError(f"base is {got_out}x{got_in}, expected {out_features}x{in_features}")
         w = base.weight if base is not None else torch.empty(0, dtype=dtype, device=device)
-        first = GiVAAdapter(in_features, out_features, r, chunks, dropout, generator, w.dtype, w.device)
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        first = GiVAAdapter(in_features, out_features, r, chunks, dropout, generator, w.dtype, w.device,
+                            vector_dtype_for(w.dtype, autocast_adapter_dtype))
         if base is None:
             base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         base.requires_grad_(False)
@@ -180,24 +196,28 @@ class GiVALinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int, dropout: float = 0.0,
                     generator: torch.Generator | None = None, chunks: int = 1,
-                    adapter_name: str = "default") -> "GiVALinear":
+                    adapter_name: str = "default", autocast_adapter_dtype: bool = True) -> "GiVALinear":
         """Wrap ``linear`` (an nn.Linear or Conv1D; frozen, not copied) in a GiVA layer of rank ``r``."""
         shape = linear_shape(linear)
         if shape is None:
             raise TypeError(f"expected an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         return cls(*shape, r, dropout=dropout, base=linear, generator=generator, chunks=chunks,
-                   adapter_name=adapter_name)
+                   adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
     # ---- named adapters
     def add_adapter(self, name: str, r: int, chunks: int = 1, dropout: float = 0.0,
-                    generator: torch.Generator | None = None) -> GiVAAdapter:
-        """Add a new adapter (random orthonormal bases, adding zero); the active one is unchanged."""
+                    generator: torch.Generator | None = None,
+                    autocast_adapter_dtype: bool | None = None) -> GiVAAdapter:
+        """Add a new adapter (random orthonormal bases, adding zero); the active one is unchanged.
+        autocast_adapter_dtype: as for the layer's first adapter unless given."""
         check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"this layer already has an adapter named {name!r}")
         w = self.base.weight
         adapter = GiVAAdapter(self.in_features, self.out_features, r, chunks, dropout, generator,
-                              w.dtype, w.device)
+                              w.dtype, w.device, vector_dtype_for(
+                                  w.dtype, self.autocast_adapter_dtype if autocast_adapter_dtype is None
+                                  else autocast_adapter_dtype))
         self.adapters[name] = adapter
         return adapter
 

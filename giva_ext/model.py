@@ -222,7 +222,8 @@ def apply_giva(model: nn.Module, config: GiVAConfig, adapter_name: str = "defaul
     for name, linear in targets.items():
         chunks = chunks_for(name, config)
         _replace(model, name, GiVALinear.from_linear(linear, chunks * config.r, config.dropout,
-                                                     generator, chunks, adapter_name))
+                                                     generator, chunks, adapter_name,
+                                                     config.autocast_adapter_dtype))
     for module in to_save.values():
         module.requires_grad_(True)
     register_adapter(model, adapter_name, config)

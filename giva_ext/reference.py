@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 
 def linear_forward(x, weight, bias, A, B, lambda_s, lambda_o):
-    """Returns (y, s): the layer output (T, out) and s = x A^T (T, r), the tensor saved for backward."""
+    """Returns (y, s): the layer output (T, out) and s = x A^T (T, r), the tensor saved for backward.
+    The vectors may be float32 beside half-precision x: they are used in x's dtype."""
+    lambda_s, lambda_o = lambda_s.to(x.dtype), lambda_o.to(x.dtype)
     s = x @ A.t()
     y = F.linear(x, weight, bias)
     y = y.addmm(s * lambda_s, (B * lambda_o[:, None]).t())
@@ -29,15 +31,17 @@ def linear_backward(grad_y, s, weight, A, B, lambda_s, lambda_o, output_mask=(Tr
     """
     need_x, need_s, need_o = output_mask
     grad_x = grad_lambda_s = grad_lambda_o = None
+    vector_dtype = lambda_s.dtype  # the gradients' dtype; computed in grad_y's
+    lambda_s, lambda_o = lambda_s.to(grad_y.dtype), lambda_o.to(grad_y.dtype)
     if need_x:
         gb = grad_y @ (B * lambda_o[:, None])
         grad_x = (grad_y @ weight).addmm(gb * lambda_s, A)
     if need_s or need_o:
         mb = (grad_y.t() @ s) * B
         if need_s:
-            grad_lambda_s = mb.t() @ lambda_o
+            grad_lambda_s = (mb.t() @ lambda_o).to(vector_dtype)
         if need_o:
-            grad_lambda_o = mb @ lambda_s
+            grad_lambda_o = (mb @ lambda_s).to(vector_dtype)
     return grad_x, grad_lambda_s, grad_lambda_o
 
 

@@ -83,16 +83,21 @@ def _cpu_inputs(*shape, dtype, **kw):
     return _inputs(*shape, dtype, device="cpu", **kw)
 
 
+def _assert_forward(got, t, dtype):
+    """(y, s) from the op against the reference on the layer tensors t (2x-composite rule)."""
+    y, s = got
+    y_c, s_c = reference.linear_forward(*_args(t))
+    y_64, s_64 = reference.linear_forward(*_args(_as(t, torch.float64)))
+    _assert_matches(y, y_c, y_64, dtype, "y")
+    _assert_matches(s, s_c, s_64, dtype, "s")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: _id(map(str, s)))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_forward_matches_reference(emulated, shape, dtype, bias):
     t = _cpu_inputs(*shape, dtype=dtype, bias=bias)
-    y, s = emulated.linear_forward(*_args(t))
-    y_c, s_c = reference.linear_forward(*_args(t))
-    y_64, s_64 = reference.linear_forward(*_args(_as(t, torch.float64)))
-    _assert_matches(y, y_c, y_64, dtype, "y")
-    _assert_matches(s, s_c, s_64, dtype, "s")
+    _assert_forward(emulated.linear_forward(*_args(t)), t, dtype)
 
 
 def _backward_case(T, n_in, n_out, r, dtype, seed=1):
@@ -116,6 +121,36 @@ def test_backward_matches_reference(emulated, shape, dtype):
     _assert_backward(emulated.linear_backward(gy, s, *rest, [True, True, True]), gy, s, rest, dtype)
 
 
+def _with_float32_vectors(t, seed=3):
+    """The vectors in float32, off the half-precision grid (so that their precision shows)."""
+    gen = torch.Generator().manual_seed(seed)
+    for k in ("lambda_s", "lambda_o"):
+        t[k] = t[k].float() + 1e-3 * torch.randn(t[k].shape, generator=gen)
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(37, 23, 29, 3), (64, 128, 96, 8), (50, 72, 80, 9)],
+                         ids=lambda s: _id(map(str, s)))
+def test_float32_vectors_beside_half_data(emulated, shape, dtype):
+    """The trainable vectors kept in float32 beside fp16/bf16 data (both rank paths): outputs in
+    the data's dtype, vector gradients in float32, errors at most twice the composite's (which
+    uses the vectors in the data's dtype)."""
+    t = _with_float32_vectors(_cpu_inputs(*shape, dtype=dtype))
+    _assert_forward(emulated.linear_forward(*_args(t)), t, dtype)
+    gy, s, rest = _backward_case(*shape, dtype)
+    rest = (*rest[:3], t["lambda_s"], t["lambda_o"])
+    got = emulated.linear_backward(gy, s, *rest, [True, True, True])
+    composite = reference.linear_backward(gy, s, *rest)
+    ref64 = reference.linear_backward(gy.double(), s.double(), *(v.double() for v in rest))
+    _assert_matches(got[0], composite[0], ref64[0], dtype, "grad_x")
+    for name, a, c, e in zip(("grad_lambda_s", "grad_lambda_o"), got[1:], composite[1:], ref64[1:]):
+        assert a.dtype == torch.float32 and c.dtype == torch.float32, name
+        scale = e.abs().max().item()
+        err, comp_err = ((v.double() - e).abs().max().item() for v in (a, c))
+        assert err <= 2 * comp_err + torch.finfo(dtype).eps * scale, f"{name}: {err:.3g} vs {comp_err:.3g}"
+
+
 @pytest.mark.parametrize("n_sms", [1, 3, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_grid_geometry(emulated, sms, n_sms, dtype):
@@ -125,11 +160,7 @@ def test_grid_geometry(emulated, sms, n_sms, dtype):
     sms(n_sms)
     shape = (150, 300, 260, 7)
     t = _cpu_inputs(*shape, dtype=dtype)
-    y, s = emulated.linear_forward(*_args(t))
-    y_c, s_c = reference.linear_forward(*_args(t))
-    y_64, s_64 = reference.linear_forward(*_args(_as(t, torch.float64)))
-    _assert_matches(y, y_c, y_64, dtype, "y")
-    _assert_matches(s, s_c, s_64, dtype, "s")
+    _assert_forward(emulated.linear_forward(*_args(t)), t, dtype)
     gy, s, rest = _backward_case(*shape, dtype)
     _assert_backward(emulated.linear_backward(gy, s, *rest, [True, True, True]), gy, s, rest, dtype)
 
@@ -203,11 +234,7 @@ def test_non_contiguous_x_and_grad_y(emulated, layout, dtype):
         return v[:, first:first + a.shape[1]]
 
     t = _cpu_inputs(T, n_in, n_out, 5, dtype=dtype)
-    y, s = emulated.linear_forward(*_args({**t, "x": view_of(t["x"])}))
-    y_c, s_c = reference.linear_forward(*_args(t))
-    y_64, s_64 = reference.linear_forward(*_args(_as(t, torch.float64)))
-    _assert_matches(y, y_c, y_64, dtype, "y")
-    _assert_matches(s, s_c, s_64, dtype, "s")
+    _assert_forward(emulated.linear_forward(*_args({**t, "x": view_of(t["x"])})), t, dtype)
     gy, s, rest = _backward_case(T, n_in, n_out, 5, dtype)
     got = emulated.linear_backward(view_of(gy), s, *rest, [True, True, True])
     _assert_backward(got, gy, s, rest, dtype)

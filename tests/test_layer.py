@@ -166,6 +166,43 @@ def test_bad_input_is_named(x, error, message):
         layer(x)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["fused", "composite"])
+def test_half_precision_layer_trains_float32_vectors(dtype, dropout):
+    """On a bf16/fp16 base the vectors are float32 (autocast_adapter_dtype, as PEFT): the output is
+    in the base's dtype, the vectors' gradients in float32, and both match float64 math."""
+    torch.manual_seed(0)
+    layer = GiVALinear(24, 16, r=4, dropout=dropout, dtype=dtype)
+    assert layer.lambda_s.dtype == torch.float32 and layer.A.dtype == dtype
+    with torch.no_grad():
+        layer.lambda_s.copy_(1 + 0.5 * torch.randn(4))
+        layer.lambda_o.copy_(torch.randn(16))
+    x = torch.randn(6, 24).to(dtype)
+    gy = torch.randn(6, 16).to(dtype)
+    y = layer(x)  # training mode: dropout > 0 takes the autograd composite
+    y.backward(gy)
+    assert y.dtype == dtype and layer.lambda_s.grad.dtype == torch.float32
+    if dropout > 0:
+        return  # the dropout mask is random: the dtypes are the point here
+    W, b = layer.base.weight.double(), layer.base.bias.double()
+    A, B = layer.A.double(), layer.B.double()
+    ls, lo = (p.detach().double().requires_grad_() for p in (layer.lambda_s, layer.lambda_o))
+    want = x.double() @ W.t() + b + lo * ((ls * (x.double() @ A.t())) @ B.t())
+    want.backward(gy.double())
+    scale = want.abs().max().item()
+    assert (y.double() - want).abs().max().item() <= 2 ** -6 * scale
+    for got, ref in ((layer.lambda_s.grad, ls.grad), (layer.lambda_o.grad, lo.grad)):
+        assert (got.double() - ref).abs().max().item() <= 2 ** -6 * ref.abs().max().item()
+
+
+def test_autocast_adapter_dtype_off_keeps_the_base_dtype():
+    layer = GiVALinear(8, 6, r=2, dtype=torch.bfloat16, autocast_adapter_dtype=False)
+    assert layer.lambda_o.dtype == torch.bfloat16
+    layer.add_adapter("other", 2, autocast_adapter_dtype=True)
+    assert layer.adapters["other"].lambda_o.dtype == torch.float32
+    assert GiVALinear(8, 6, r=2).lambda_o.dtype == torch.float32  # fp32 base: fp32 vectors anyway
+
+
 def test_set_bases_checks_shapes_and_resets_vectors():
     layer = GiVALinear(12, 10, r=2)
     randomize_vectors(layer)

@@ -70,18 +70,23 @@ def test_matches_reference(device, dtype, tol, shape, bias):
 @pytest.mark.parametrize("dtype", [torch.bfloat16] + ([torch.float16] if DEVICES[-1] == "cuda" else []))
 @pytest.mark.parametrize("shape", [(5, 37, 23, 4), (3000, 24, 520, 3), (256, 512, 256, 16), (200, 48, 40, 32),
                                    (90, 130, 100, 72)])
-def test_low_precision_within_twice_composite_error(device, dtype, shape):
-    """The kernel's error against an fp32 reference is at most 2x that of the same-precision composite."""
+@pytest.mark.parametrize("vectors", ["same", "float32"])
+def test_low_precision_within_twice_composite_error(device, dtype, shape, vectors):
+    """The kernel's error against an fp32 reference is at most 2x that of the same-precision
+    composite; with float32 vectors (the trainable parameters kept in float32) too, and their
+    gradients come back in float32."""
     if dtype == torch.float16 and device == "cpu":
         pytest.skip("float16 has no CPU kernel")
     t = make(*shape, dtype=dtype, device=device)
+    if vectors == "float32":
+        t.update(lambda_s=t["lambda_s"].float(), lambda_o=t["lambda_o"].float())
     grad_y = torch.randn(shape[0], shape[2], device=device).to(dtype)
     t32 = {k: None if v is None else v.float() for k, v in t.items()}
     want = run_reference(t32, grad_y.float())
     composite = run_reference(t, grad_y)
     names = ("y", "s", "grad_x", "grad_lambda_s", "grad_lambda_o")
     for name, got, comp, ref in zip(names, run_op(t, grad_y), composite, want):
-        assert got.dtype == dtype, name
+        assert got.dtype == (t["lambda_s"].dtype if name.startswith("grad_lambda") else dtype), name
         assert rel_err(got, ref) <= 2 * rel_err(comp, ref) + 1e-3, \
             f"{name}: kernel {rel_err(got, ref):.3g}, composite {rel_err(comp, ref):.3g}"
 
@@ -138,6 +143,21 @@ def test_opcheck(device, bias):
         torch.library.opcheck(torch.ops.giva.linear_backward.default, (*bwd_args, mask))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_float32_vectors_beside_bfloat16(device):
+    t = make(7, 9, 6, 3, dtype=torch.bfloat16, device=device)
+    t.update(lambda_s=t["lambda_s"].float().requires_grad_(True),
+             lambda_o=t["lambda_o"].float().requires_grad_(True))
+    t["x"].requires_grad_(True)
+    torch.library.opcheck(torch.ops.giva.linear_forward.default,
+                          (t["x"], t["weight"], t["bias"], t["A"], t["B"], t["lambda_s"], t["lambda_o"]))
+    s = (t["x"] @ t["A"].t()).detach()
+    grad_y = torch.randn(7, 6, device=device).bfloat16()
+    torch.library.opcheck(torch.ops.giva.linear_backward.default,
+                          (grad_y, s, t["weight"], t["A"], t["B"], t["lambda_s"].detach(),
+                           t["lambda_o"].detach(), [True, True, True]))
+
+
 def test_output_mask():
     t = make(6, 5, 4, 2)
     grad_y = torch.randn(6, 4, dtype=torch.float64)
@@ -170,19 +190,21 @@ def test_saves_only_thin_tensors():
     assert {T * n_in, T * n_out} & set(unfused), unfused
 
 
-def test_compiled_training_step_matches_eager():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_compiled_training_step_matches_eager(dtype):
+    """bfloat16: a bf16 layer with its float32 vectors."""
     torch.manual_seed(0)
-    eager = GiVALinear(24, 16, 4)
+    eager = GiVALinear(24, 16, 4, dtype=dtype)
     with torch.no_grad():
         eager.lambda_o.normal_()
-    compiled_layer = GiVALinear(24, 16, 4)
+    compiled_layer = GiVALinear(24, 16, 4, dtype=dtype)
     compiled_layer.load_state_dict(eager.state_dict())
     compiled = torch.compile(compiled_layer, fullgraph=True)
-    x = torch.randn(3, 5, 24)
+    x = torch.randn(3, 5, 24).to(dtype)
     for layer, fn in ((eager, eager), (compiled_layer, compiled)):
         opt = torch.optim.AdamW([layer.lambda_s, layer.lambda_o], lr=1e-2)
         for _ in range(3):
-            fn(x).square().mean().backward()
+            fn(x).float().square().mean().backward()
             opt.step()
             opt.zero_grad()
     torch.testing.assert_close(compiled_layer.lambda_s, eager.lambda_s)
@@ -209,6 +231,13 @@ def _with(t, **changes):
     (lambda t: _with(t, weight=t["weight"][None]), r"weight must have shape \(out, in\)"),
     (lambda t: _with(t, x=t["x"][None]), r"x must have shape \(T, in\)"),
     (lambda t: {k: None if v is None else v.half() for k, v in t.items()}, r"x must have dtype in"),
+    (lambda t: _with(t, lambda_s=t["lambda_s"].bfloat16()),
+     r"lambda_s must have dtype Float \(the dtype of x\), got BFloat16"),
+    (lambda t: {**{k: None if v is None else v.bfloat16() for k, v in t.items()}, "lambda_s": t["lambda_s"]},
+     r"lambda_o must have dtype Float \(the dtype of lambda_s\), got BFloat16"),
+    (lambda t: {**{k: None if v is None else v.bfloat16() for k, v in t.items()},
+                "lambda_s": t["lambda_s"].double(), "lambda_o": t["lambda_o"].double()},
+     r"lambda_s must have dtype BFloat16 or Float \(the dtype of x\), got Double"),
 ])
 def test_bad_forward_arguments(change, match):
     t = change(make(7, 9, 6, 3, dtype=torch.float32))

@@ -28,16 +28,26 @@ inline std::string shape_str(c10::IntArrayRef sizes) {
   return os.str();
 }
 
-// t must be on ref's device, of ref's dtype, with shape `expected` (-1 = any size), described
-// symbolically by `dims` (e.g. "(r, in)").
+// Whether a tensor of dtype t may go with a reference of dtype ref where float32 is allowed too:
+// the trainable vectors may be float32 beside float16 / bfloat16 data (kept in float32 for the
+// optimizer, as PEFT keeps its adapters).
+inline bool float32_beside(at::ScalarType t, at::ScalarType ref) {
+  return t == at::kFloat && (ref == at::kHalf || ref == at::kBFloat16);
+}
+
+// t must be on ref's device, of ref's dtype (or float32 beside a half dtype, if float32_ok), with
+// shape `expected` (-1 = any size), described symbolically by `dims` (e.g. "(r, in)").
 inline void check_arg(const char* op, const char* name, const at::Tensor& t, const char* dims,
                       std::initializer_list<int64_t> expected, const at::Tensor& ref,
-                      const char* ref_name) {
+                      const char* ref_name, bool float32_ok = false) {
   TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on device ", ref.device(),
               " (the device of ", ref_name, "), got ", t.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have dtype ",
-              ref.scalar_type(), " (the dtype of ", ref_name, "), got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type() ||
+                  (float32_ok && float32_beside(t.scalar_type(), ref.scalar_type())),
+              op, ": ", name, " must have dtype ", ref.scalar_type(),
+              float32_ok && float32_beside(at::kFloat, ref.scalar_type()) ? " or Float" : "",
+              " (the dtype of ", ref_name, "), got ", t.scalar_type());
   bool ok = t.dim() == static_cast<int64_t>(expected.size());
   for (size_t i = 0; ok && i < expected.size(); ++i) {
     const int64_t e = expected.begin()[i];
@@ -82,8 +92,8 @@ inline void check_linear_forward(const at::Tensor& x, const at::Tensor& weight,
   check_arg(op, "A", A, "(r, in)", {-1, in}, x, "x");
   const int64_t r = A.size(0);
   check_arg(op, "B", B, "(out, r)", {out, r}, x, "x");
-  check_arg(op, "lambda_s", lambda_s, "(r,)", {r}, x, "x");
-  check_arg(op, "lambda_o", lambda_o, "(out,)", {out}, x, "x");
+  check_arg(op, "lambda_s", lambda_s, "(r,)", {r}, x, "x", /*float32_ok=*/true);
+  check_arg(op, "lambda_o", lambda_o, "(out,)", {out}, lambda_s, "lambda_s");
 }
 
 // linear_backward(grad_y, s, weight, A, B, lambda_s, lambda_o, ...) with grad_y (T, out).
@@ -101,8 +111,8 @@ inline void check_linear_backward(const at::Tensor& grad_y, const at::Tensor& s,
   const int64_t r = s.size(1);
   check_arg(op, "A", A, "(r, in)", {r, in}, grad_y, "grad_y");
   check_arg(op, "B", B, "(out, r)", {out, r}, grad_y, "grad_y");
-  check_arg(op, "lambda_s", lambda_s, "(r,)", {r}, grad_y, "grad_y");
-  check_arg(op, "lambda_o", lambda_o, "(out,)", {out}, grad_y, "grad_y");
+  check_arg(op, "lambda_s", lambda_s, "(r,)", {r}, grad_y, "grad_y", /*float32_ok=*/true);
+  check_arg(op, "lambda_o", lambda_o, "(out,)", {out}, lambda_s, "lambda_s");
 }
 
 }  // namespace giva

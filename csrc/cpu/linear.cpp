@@ -21,7 +21,9 @@
 // kernels of thin_kernels.h (BLAS runs these shapes far below GEMM speed). Elsewhere (bfloat16,
 // float64, wider ranks, other CPUs) every product is one whole-tensor ATen GEMM, and the fold adds
 // the adapter's term after the base GEMM instead of before; bf16 GEMMs accumulate in fp32 and
-// round once, as the composite does. The lambda gradients are formed in fp32 (fp64 for fp64).
+// round once, as the composite does. The lambda gradients are formed in fp32 (fp64 for fp64) and
+// returned in the vectors' dtype: beside bfloat16 data the vectors may be float32 (the trainable
+// parameters as the optimizer keeps them); they enter only the folded factors.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -140,13 +142,17 @@ void for_row_blocks(int64_t T, int64_t rows, const F& body) {
   });
 }
 
-// W_eff = W + B'' A': one GEMM, or on the SIMD path in parallel over blocks of W's rows.
+// W_eff = W + B'' A': one GEMM, or on the SIMD path in parallel over blocks of W's rows. The
+// folded factors are formed in the accumulator type (the vectors may be float32 beside a
+// bfloat16 W) and rounded to W's dtype once.
 at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
                          const at::Tensor& lambda_s, const at::Tensor& lambda_o) {
-  const auto B_o = B * lambda_o.unsqueeze(1);
-  if (!simd_path(weight.scalar_type(), A.size(0)))
-    return at::addmm(weight, B_o, A * lambda_s.unsqueeze(1));
-  const auto A_s = padded(A * lambda_s.unsqueeze(1));
+  const auto dtype = weight.scalar_type();
+  const auto acc = acc_type(dtype);
+  const auto B_o = (B.to(acc) * lambda_o.to(acc).unsqueeze(1)).to(dtype);
+  const auto A_s_flat = (A.to(acc) * lambda_s.to(acc).unsqueeze(1)).to(dtype);
+  if (!simd_path(dtype, A.size(0))) return at::addmm(weight, B_o, A_s_flat);
+  const auto A_s = padded(A_s_flat);
   const auto w = weight.contiguous();
   auto w_eff = at::empty(w.sizes(), w.options());
   for_row_blocks(w.size(0), block_rows(w.size(1), w.element_size()), [&](int64_t b0, int64_t n) {
@@ -311,8 +317,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
     AT_DISPATCH_FLOATING_TYPES(acc, "giva_lambda_grads", [&] {
       std::tie(grad_s, grad_o) = lambda_grads<scalar_t>(parts, B_acc, lambda_s_acc, lambda_o_acc);
     });
-    if (output_mask[1]) grad_lambda_s = grad_s.to(dtype);
-    if (output_mask[2]) grad_lambda_o = grad_o.to(dtype);
+    if (output_mask[1]) grad_lambda_s = grad_s.to(lambda_s.scalar_type());
+    if (output_mask[2]) grad_lambda_o = grad_o.to(lambda_o.scalar_type());
   }
   return {grad_x, grad_lambda_s, grad_lambda_o};
 }

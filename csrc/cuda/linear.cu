@@ -137,18 +137,19 @@ __device__ __forceinline__ float warp_reduce_scatter8(float (&v)[kRank]) {
 // A kRank x N factor read in place from a frozen basis:
 //   at(j, c) = src[j * stride_j + c * stride_c] * row_scale[j] * col_scale[c], zero for j >= r.
 // So A (r, in) is {A, in, 1}, and (lambda_o B)^T for B (out, r) is {B, 1, r, col_scale = lambda_o}.
+// The scales are the vectors in fp32 (the host converts them; usually they are fp32 already).
 template <typename T>
 struct Factor {
   const T* src;
   int64_t stride_j, stride_c, r;
-  const T* row_scale;  // (r,) or null
-  const T* col_scale;  // (N,) or null
+  const float* row_scale;  // (r,) or null
+  const float* col_scale;  // (N,) or null
 
   __device__ __forceinline__ float at(int j, int64_t c) const {
     if (j >= r) return 0.f;
     float v = static_cast<float>(src[j * stride_j + c * stride_c]);
-    if (row_scale) v *= static_cast<float>(row_scale[j]);
-    if (col_scale) v *= static_cast<float>(col_scale[c]);
+    if (row_scale) v *= row_scale[j];
+    if (col_scale) v *= col_scale[c];
     return v;
   }
 };
@@ -316,8 +317,8 @@ expand_kernel(const float* __restrict__ Ppart, int64_t nparts, int64_t rows, Fac
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 lambda_grad_kernel(const float* __restrict__ M, int64_t out, const T* __restrict__ B, int64_t r,
-                   const T* __restrict__ lambda_s, const T* __restrict__ lambda_o,
-                   T* __restrict__ grad_o, float* __restrict__ gs_part) {
+                   const float* __restrict__ lambda_s, const float* __restrict__ lambda_o,
+                   float* __restrict__ grad_o, float* __restrict__ gs_part) {
   __shared__ float red[kWarps][kRank];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t o = static_cast<int64_t>(blockIdx.x) * kThreads + tid;
@@ -330,11 +331,11 @@ lambda_grad_kernel(const float* __restrict__ M, int64_t out, const T* __restrict
     float total = 0.f;
 #pragma unroll
     for (int j = 0; j < kRank; ++j)
-      if (j < r) total = fmaf(mb[j], static_cast<float>(lambda_s[j]), total);
-    grad_o[o] = static_cast<T>(total);
+      if (j < r) total = fmaf(mb[j], lambda_s[j], total);
+    grad_o[o] = total;
   }
   if (gs_part) {
-    const float lo = valid ? static_cast<float>(lambda_o[o]) : 0.f;
+    const float lo = valid ? lambda_o[o] : 0.f;
 #pragma unroll
     for (int j = 0; j < kRank; ++j) mb[j] *= lo;
     const float total = warp_reduce_scatter8(mb);
@@ -358,8 +359,8 @@ const T* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<T>()
 template <typename T>
 Factor<T> make_factor(const at::Tensor& src, int64_t stride_j, int64_t stride_c, int64_t r,
                       const at::Tensor& row_scale, const at::Tensor& col_scale) {
-  return {src.data_ptr<T>(), stride_j, stride_c, r, ptr_or_null<T>(row_scale),
-          ptr_or_null<T>(col_scale)};
+  return {src.data_ptr<T>(), stride_j, stride_c, r, ptr_or_null<float>(row_scale),
+          ptr_or_null<float>(col_scale)};
 }
 
 struct ThinOut {
@@ -444,7 +445,9 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(
   const int64_t T = x_in.size(0), in = x_in.size(1), out = weight.size(0), r = A_in.size(0);
   const auto x = rows_unit_stride(x_in);
   const auto A = A_in.contiguous(), B = B_in.contiguous();
-  const auto lambda_s = lambda_s_in.contiguous(), lambda_o = lambda_o_in.contiguous();
+  // The vectors in fp32 (they may be x's dtype or fp32); they enter only the folded factors.
+  const auto lambda_s = lambda_s_in.to(at::kFloat).contiguous();
+  const auto lambda_o = lambda_o_in.to(at::kFloat).contiguous();
   const at::Tensor bias =
       bias_opt.has_value() && bias_opt->defined() ? bias_opt->contiguous() : at::Tensor();
 
@@ -460,9 +463,10 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(
     }));
   } else {
     s = at::mm(x, A.t());
-    const auto s_scaled = s * lambda_s;
-    const auto B_scaled = B * lambda_o.unsqueeze(1);
-    y = bias.defined() ? at::addmm(bias, s_scaled, B_scaled.t()) : at::mm(s_scaled, B_scaled.t());
+    // (l_o * B * l_s)^T folded in fp32 and rounded once to x's dtype (out x r, small)
+    const auto B_folded =
+        (B.to(at::kFloat) * lambda_o.unsqueeze(1) * lambda_s).to(x.scalar_type());
+    y = bias.defined() ? at::addmm(bias, s, B_folded.t()) : at::mm(s, B_folded.t());
   }
   y.addmm_(x, weight.t());
   return {y, s};
@@ -481,7 +485,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
   const int64_t T = grad_y.size(0), out = grad_y.size(1), in = weight.size(1), r = A_in.size(0);
   const auto g = rows_unit_stride(grad_y);
   const auto s = s_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous();
-  const auto lambda_s = lambda_s_in.contiguous(), lambda_o = lambda_o_in.contiguous();
+  const auto lambda_s = lambda_s_in.to(at::kFloat).contiguous();  // as in the forward
+  const auto lambda_o = lambda_o_in.to(at::kFloat).contiguous();
   const auto dtype = g.scalar_type();
 
   at::Tensor grad_x, grad_s, grad_o;
@@ -501,21 +506,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
         const int64_t blocks = std::max<int64_t>(1, ceil_div(out, kThreads));
         TORCH_CHECK(blocks <= INT32_MAX, "giva::linear_backward: out = ", out, " needs ", blocks,
                     " blocks, above the CUDA grid limit of 2^31 - 1");
-        if (need_o) grad_o = at::empty({out}, lambda_o.options());
+        if (need_o) grad_o = at::empty({out}, lambda_o.options());  // fp32
         at::Tensor gs_part;
         if (need_s) gs_part = at::empty({blocks, kRank}, thin.M.options());
         launch(lambda_grad_kernel<scalar_t>, dim3(static_cast<unsigned>(blocks)), kThreads,
                thin.M.data_ptr<float>(), out, B.data_ptr<scalar_t>(), r,
-               lambda_s.data_ptr<scalar_t>(), lambda_o.data_ptr<scalar_t>(),
-               need_o ? grad_o.data_ptr<scalar_t>() : nullptr,
+               lambda_s.data_ptr<float>(), lambda_o.data_ptr<float>(),
+               need_o ? grad_o.data_ptr<float>() : nullptr,
                need_s ? gs_part.data_ptr<float>() : nullptr);
-        if (need_s) grad_s = gs_part.sum(0).narrow(0, 0, r).to(dtype);
+        if (need_s) grad_s = gs_part.sum(0).narrow(0, 0, r);
       }
     }));
   } else {
     if (need_x) {
-      const auto u = at::mm(g, B * lambda_o.unsqueeze(1));
-      grad_x = at::mm(u * lambda_s, A);
+      // (g (l_o * B)) (l_s * A), each factor folded in fp32 and rounded once to g's dtype
+      const auto u = at::mm(g, (B.to(at::kFloat) * lambda_o.unsqueeze(1)).to(dtype));
+      grad_x = at::mm(u, (A.to(at::kFloat) * lambda_s.unsqueeze(1)).to(dtype));
     }
     if (need_lambda) {
       // M in g's dtype, as the same-precision composite computes it, except in fp16: M sums T
@@ -524,11 +530,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
       const auto M = dtype == at::kHalf ? at::mm(g.t().to(at::kFloat), s.to(at::kFloat))
                                         : at::mm(g.t(), s).to(at::kFloat);
       const auto MB = M * B.to(at::kFloat);
-      if (need_s) grad_s = MB.t().mv(lambda_o.to(at::kFloat)).to(dtype);
-      if (need_o) grad_o = MB.mv(lambda_s.to(at::kFloat)).to(dtype);
+      if (need_s) grad_s = MB.t().mv(lambda_o);
+      if (need_o) grad_o = MB.mv(lambda_s);
     }
   }
   if (need_x) grad_x.addmm_(g, weight);
+  // The vectors' gradients in the vectors' dtype (fp32 beside half data, as the optimizer holds them)
+  if (grad_s.defined()) grad_s = grad_s.to(lambda_s_in.scalar_type());
+  if (grad_o.defined()) grad_o = grad_o.to(lambda_o_in.scalar_type());
   return {grad_x, grad_s, grad_o};
 }
 
