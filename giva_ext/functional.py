@@ -86,10 +86,11 @@ def mixed_giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, row_ids):
     x2 = x.reshape(-1, x.shape[-1])
     per_row = x2.shape[0] // x.shape[0] if x.shape[0] else 1
     token_ids = row_ids if per_row == 1 else row_ids.repeat_interleave(per_row)
-    def cast(tensors):  # serving calls this per layer and step: skip the no-op casts of 4n tensors
-        return [t if t.dtype == x.dtype else t.to(x.dtype) for t in tensors]
+    def cast(tensors, keep=()):  # serving calls this per layer and step: skip the no-op casts
+        return [t if t.dtype == x.dtype or t.dtype in keep else t.to(x.dtype) for t in tensors]
 
+    vectors_ok = (torch.float32,) if x.dtype in _HALF else ()  # as in giva_linear
     args = (x2, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
-            cast(A), cast(B), cast(lambda_s), cast(lambda_o), token_ids)
+            cast(A), cast(B), cast(lambda_s, vectors_ok), cast(lambda_o, vectors_ok), token_ids)
     y = (torch.ops.giva.mixed_linear(*args) if ops.supports_mixed(x2) else reference.mixed_linear(*args))
     return y.reshape(*lead, y.shape[-1])

@@ -293,6 +293,24 @@ def test_mixed_op_against_reference(dtype, tol, bias, T, order):
         assert err <= tol
 
 
+@needs_native
+@pytest.mark.parametrize("T", [1, 37, 300])
+@pytest.mark.parametrize("order", ["scattered", "sorted"])
+def test_mixed_op_takes_float32_vectors_beside_bfloat16(T, order):
+    """The vectors as a bf16 model keeps them (float32): same answer as with them in bf16 up to
+    their own rounding, and within bf16 precision of float64."""
+    args = list(op_args(T, 24, 20, [1, 5, 8], torch.bfloat16))
+    if order == "sorted":
+        args[-1] = args[-1].sort().values
+    fp32 = [*args[:5], [v.float() + 1e-3 for v in args[5]], [v.float() + 1e-3 for v in args[6]], args[7]]
+    got = torch.ops.giva.mixed_linear(*fp32)
+    expected = reference.mixed_linear(*[_to64(a) for a in fp32])
+    assert got.dtype == torch.bfloat16
+    err = (got.double() - expected).abs().max() / expected.abs().max()
+    assert err <= 3e-2
+    torch.library.opcheck(torch.ops.giva.mixed_linear, fp32)
+
+
 def _to64(a):
     if isinstance(a, list):
         return [t.double() for t in a]

@@ -44,8 +44,9 @@ inline void check_mixed_linear(const at::Tensor& x, const at::Tensor& weight,
     check_arg(op, at_i("A").c_str(), A[i], "(r, in)", {-1, in}, x, "x");
     const int64_t r = A[i].size(0);
     check_arg(op, at_i("B").c_str(), B[i], "(out, r)", {out, r}, x, "x");
-    check_arg(op, at_i("lambda_s").c_str(), lambda_s[i], "(r,)", {r}, x, "x");
-    check_arg(op, at_i("lambda_o").c_str(), lambda_o[i], "(out,)", {out}, x, "x");
+    check_arg(op, at_i("lambda_s").c_str(), lambda_s[i], "(r,)", {r}, x, "x", /*float32_ok=*/true);
+    check_arg(op, at_i("lambda_o").c_str(), lambda_o[i], "(out,)", {out}, lambda_s[i],
+              at_i("lambda_s").c_str());
   }
   TORCH_CHECK(token_ids.defined(), op, ": token_ids must be a tensor, got None");
   TORCH_CHECK(token_ids.device() == x.device(), op, ": token_ids must be on device ", x.device(),
