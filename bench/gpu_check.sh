@@ -75,6 +75,9 @@ for dtype, (T, n_in, n_out, r) in itertools.product(
     y, s = torch.ops.giva.linear_forward(x, w, b, A, B, ls, lo)
     for mask in itertools.product((False, True), repeat=3):
         torch.ops.giva.linear_backward(t(T, n_out), s, w, A, B, ls, lo, list(mask))
+    if dtype != torch.float32:  # the vectors in float32, as a half-precision model keeps them
+        torch.ops.giva.linear_forward(x, w, b, A, B, ls.float(), lo.float())
+        torch.ops.giva.linear_backward(t(T, n_out), s, w, A, B, ls.float(), lo.float(), [True] * 3)
     ids = torch.randint(-1, 2, (T,), device="cuda")
     for token_ids in (ids, ids.sort().values):
         torch.ops.giva.mixed_linear(x, w, b, [A, A[:1]], [B, B[:, :1]], [ls, ls[:1]], [lo, lo], token_ids)
