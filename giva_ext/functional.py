@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from . import ops, reference
 
 
-_HALF = (torch.float16, torch.bfloat16)
+# The half precisions beside which the trainable vectors may stay float32.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _composite(x, weight, bias, A, B, lambda_s, lambda_o, adapter_input):
@@ -45,7 +46,7 @@ def giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, dropout: float = 0.0,
         A, B = A.to(dtype), B.to(dtype)
     # The vectors stay float32 beside float16 / bfloat16 x (the ops take them so: the optimizer's
     # float32 parameters, and their gradients formed in float32); any other mismatch is cast.
-    vector_dtype = torch.float32 if lambda_s.dtype == torch.float32 and dtype in _HALF else dtype
+    vector_dtype = torch.float32 if lambda_s.dtype == torch.float32 and dtype in HALF_DTYPES else dtype
     if lambda_s.dtype != vector_dtype or lambda_o.dtype != vector_dtype:
         lambda_s, lambda_o = lambda_s.to(vector_dtype), lambda_o.to(vector_dtype)
     frozen_need_grad = torch.is_grad_enabled() and (
@@ -89,7 +90,7 @@ def mixed_giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, row_ids):
     def cast(tensors, keep=()):  # serving calls this per layer and step: skip the no-op casts
         return [t if t.dtype == x.dtype or t.dtype in keep else t.to(x.dtype) for t in tensors]
 
-    vectors_ok = (torch.float32,) if x.dtype in _HALF else ()  # as in giva_linear
+    vectors_ok = (torch.float32,) if x.dtype in HALF_DTYPES else ()  # as in giva_linear
     args = (x2, weight.to(x.dtype), None if bias is None else bias.to(x.dtype),
             cast(A), cast(B), cast(lambda_s, vectors_ok), cast(lambda_o, vectors_ok), token_ids)
     y = (torch.ops.giva.mixed_linear(*args) if ops.supports_mixed(x2) else reference.mixed_linear(*args))

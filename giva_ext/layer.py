@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import reference
-from .functional import giva_linear, mixed_giva_linear
+from .functional import HALF_DTYPES, giva_linear, mixed_giva_linear
 
 
 def random_orthonormal(rows: int, cols: int, generator: torch.Generator | None = None,
@@ -38,14 +38,10 @@ def linear_shape(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-# The precisions a float32 base is commonly cast to for serving: an adapter file also records the
-# digests of the weights cast to them, so it loads onto such a copy of the pretrained model.
-HALF_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def weight_digests(weight: torch.Tensor) -> dict[str, str]:
-    """The fingerprint digests of a base weight: "sha256" of its bytes and, for a float32 weight,
-    "sha256_bfloat16" / "sha256_float16" of its bytes cast to those dtypes.
+def weight_digests(weight: torch.Tensor, cast: bool = False) -> dict[str, str]:
+    """The fingerprint digests of a base weight: "sha256" of its bytes and, with ``cast`` for a
+    float32 weight, "sha256_bfloat16" / "sha256_float16" of its bytes cast to those dtypes (what a
+    float32 base is commonly cast to for serving).
 
     Cached on the tensor until it changes in place (its version counter) or gets other storage.
     GiVALinear.unmerge() puts back the digests from before merge(), so the rounding of a
@@ -53,15 +49,17 @@ def weight_digests(weight: torch.Tensor) -> dict[str, str]:
     look like another base model."""
     key = _version_key(weight)
     cached = getattr(weight, "_giva_digests", None)
-    if key is not None and cached is not None and cached[0] == key:
-        return dict(cached[1])
+    digests = dict(cached[1]) if key is not None and cached is not None and cached[0] == key else {}
     w = weight.detach()
-    digests = {"sha256": _sha256(w)}
-    if w.dtype == torch.float32:
-        digests.update({f"sha256_{str(d).removeprefix('torch.')}": _sha256(w.to(d)) for d in HALF_DTYPES})
+    wanted = [(None, "sha256")]
+    if cast and w.dtype == torch.float32:
+        wanted += [(d, f"sha256_{str(d).removeprefix('torch.')}") for d in HALF_DTYPES]
+    for dtype, name in wanted:
+        if name not in digests:
+            digests[name] = _sha256(w if dtype is None else w.to(dtype))
     if key is not None:
-        weight._giva_digests = (key, digests)
-    return dict(digests)
+        weight._giva_digests = (key, dict(digests))
+    return {name: digests[name] for _, name in wanted}
 
 
 def _sha256(t: torch.Tensor) -> str:
@@ -88,7 +86,7 @@ def vector_dtype_for(weight_dtype: torch.dtype, autocast_adapter_dtype: bool = T
     float16 / bfloat16 base when ``autocast_adapter_dtype`` (as PEFT keeps its adapters: the
     optimizer updates and their gradients stay in float32; the fused op takes them so), else the
     weight's dtype."""
-    if autocast_adapter_dtype and weight_dtype in (torch.float16, torch.bfloat16):
+    if autocast_adapter_dtype and weight_dtype in HALF_DTYPES:
         return torch.float32
     return weight_dtype
 
@@ -310,7 +308,8 @@ class GiVALinear(nn.Module):
         if self.merged:
             raise RuntimeError("layer is already merged")
         delta = self.delta_weight()
-        self._premerge_digests = weight_digests(self.base.weight) if keep_fingerprint else None
+        self._premerge_digests = (weight_digests(self.base.weight, cast=True) if keep_fingerprint
+                                  else None)
         with torch.no_grad():
             self.weight_out_in().add_(delta)  # in place through the view
         self.merged = True

@@ -59,11 +59,11 @@ def _tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def weight_fingerprint(name: str, weight: torch.Tensor) -> dict:
-    """Name, shape, dtype and the SHA-256 digests of a base weight's bytes (weight_digests: a
-    float32 weight's also as bfloat16 and float16)."""
+def weight_fingerprint(name: str, weight: torch.Tensor, cast: bool = False) -> dict:
+    """Name, shape, dtype and the SHA-256 of a base weight's bytes (with ``cast``, a float32
+    weight's also as bfloat16 and float16: see weight_digests)."""
     return {"name": name, "shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."),
-            **weight_digests(weight)}
+            **weight_digests(weight, cast)}
 
 
 def check_fingerprint_schema(fingerprint) -> None:
@@ -192,7 +192,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         raise ValueError(f"save_adapter: {exc}; nothing was written to {path}") from exc
     header = {"library": "giva_ext", "version": __version__, "format": FORMAT_VERSION,
               "config": config.to_dict(),
-              "fingerprint": [weight_fingerprint(n, layer.base.weight) for n, layer in layers.items()]}
+              "fingerprint": [weight_fingerprint(n, layer.base.weight, cast=True) for n, layer in layers.items()]}
     data, text = pack(tensors, METADATA_KEY, header)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
