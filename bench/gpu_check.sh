@@ -8,9 +8,9 @@
 #
 #   OUT=/some/dir bash bench/gpu_check.sh
 #
-# Writes into $OUT (13 files): env_build.log pytest.log pytest.xml sanitizer.log bench.log
-# bench_bf16.json bench_fp16.json mixed_bf16.json suite.log suite_gpu.json suite_gpu.md suite_gpu.png
-# summary.json
+# Writes into $OUT (14 files): env_build.log pytest.log pytest.xml sanitizer.log bench.log
+# bench_bf16.json bench_fp16.json mixed_bf16.json mixed_decode_bf16.json suite.log suite_gpu.json
+# suite_gpu.md suite_gpu.png summary.json
 # (exit code and seconds of every step).
 set -uo pipefail
 
@@ -61,7 +61,7 @@ tail -n 25 "$OUT/pytest.log"
 
 # Every kernel and path once, on small odd shapes: fused (r <= 8) and cuBLAS (r > 8) ranks,
 # aligned and element-wise loads, all output masks, edge sizes (T = 0, r = 1, out = 1, an odd in,
-# a strided x), the sketch ops, and mixed_linear with long runs (views) and short runs (gather).
+# a strided x), the sketch ops, and mixed_linear (at these sizes its per-row kernels).
 TINY="$(mktemp --suffix=.py)"
 cat >"$TINY" <<'PYEOF'
 import itertools
@@ -116,6 +116,9 @@ tail -n 30 "$OUT/bench.log"
 
 step mixed_bf16 40 "$OUT/bench.log" "$PY" bench/mixed_adapters.py --device cuda --dtype bfloat16 \
   --dims 4096 --json "$OUT/mixed_bf16.json"
+# Decoding: one token per sequence, the per-row (graph-capturable) path of the mixed op.
+step mixed_decode_bf16 30 "$OUT/bench.log" "$PY" bench/mixed_adapters.py --device cuda \
+  --dtype bfloat16 --dims 4096 --seq-len 1 --json "$OUT/mixed_decode_bf16.json"
 tail -n 10 "$OUT/bench.log"
 
 # The pytest-benchmark suite, default size on the GPU (layers in bf16 and fp16, the MiniLM step and

@@ -160,6 +160,12 @@ def mixed_adapters(model: nn.Module, adapters: Sequence[str | None] | torch.Tens
     layer runs its base GEMM once for the whole batch and each adapter on its own rows (the native
     ``giva::mixed_linear`` op where it fits). Inference only: use it under torch.no_grad() or
     torch.inference_mode(). All ids are checked before the block starts.
+
+    A LongTensor of ids is used as given, not copied: ids written into it in place during the block
+    take effect at the next forward, without a new block (on CUDA a decode step can then be
+    captured once in a CUDA graph and replayed for other rows' adapters). Such in-place ids are
+    not checked on the host: one out of range stops the CUDA kernel with a device-side assert and
+    raises an error on the CPU.
     """
     layers = wrapped_layers(model)
     if not layers:
@@ -174,15 +180,17 @@ def mixed_adapters(model: nn.Module, adapters: Sequence[str | None] | torch.Tens
     ids = _row_ids(model, adapters, names, next(iter(layers.values())).base.weight.device)
     try:
         for layer in layers.values():
-            # This layer's index of each model adapter (-1 where it lacks one), looked up per row.
+            # This layer's index of each model adapter (-1 where it lacks one), looked up per row
+            # at each call; none needed where the layer holds the model's adapters in its order.
             position = {n: i for i, n in enumerate(layer.adapters)}
-            lookup = torch.tensor([-1, *(position.get(n, -1) for n in names)], dtype=torch.long,
-                                  device=ids.device)
-            layer.mixed_row_ids = lookup[ids + 1]
+            if list(layer.adapters) != names:
+                layer.mixed_lookup = torch.tensor([-1, *(position.get(n, -1) for n in names)],
+                                                  dtype=torch.long, device=ids.device)
+            layer.mixed_row_ids = ids
             held = list(layer.adapters.values())
             layer.mixed_tensors = tuple([getattr(a, k) for a in held]
                                         for k in ("A", "B", "lambda_s", "lambda_o"))
         yield model
     finally:
         for layer in layers.values():
-            layer.mixed_row_ids = layer.mixed_tensors = None
+            layer.mixed_row_ids = layer.mixed_lookup = layer.mixed_tensors = None

@@ -86,7 +86,8 @@ def mixed_giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, row_ids):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     per_row = x2.shape[0] // x.shape[0] if x.shape[0] else 1
-    token_ids = row_ids if per_row == 1 else row_ids.repeat_interleave(per_row)
+    # expand + reshape: repeat_interleave would read its output size on the host (a CUDA sync)
+    token_ids = row_ids if per_row == 1 else row_ids.unsqueeze(1).expand(-1, per_row).reshape(-1)
     def cast(tensors, keep=()):  # serving calls this per layer and step: skip the no-op casts
         return [t if t.dtype == x.dtype or t.dtype in keep else t.to(x.dtype) for t in tensors]
 

@@ -185,10 +185,12 @@ class GiVALinear(nn.Module):
         self._premerge_digests: dict | None = None  # weight_digests of the base before merge()
         self.adapters = nn.ModuleDict({adapter_name: first})
         self.active_adapter: str | None = adapter_name
-        # Per-row adapter choice of a mixed batch (set by giva_ext.mixed_adapters): (row ids into
-        # list(self.adapters), or -1 for none), and the adapters' (A, B, lambda_s, lambda_o) lists,
-        # gathered once per block rather than per call. None outside such a block.
+        # Per-row adapter choice of a mixed batch (set by giva_ext.mixed_adapters): the model's row
+        # ids (-1 for none), read at every call; the lookup from the model's adapter ids to this
+        # layer's (None when they are the same); and the adapters' (A, B, lambda_s, lambda_o)
+        # lists, gathered once per block rather than per call. None outside such a block.
         self.mixed_row_ids: torch.Tensor | None = None
+        self.mixed_lookup: torch.Tensor | None = None
         self.mixed_tensors: tuple[list[torch.Tensor], ...] | None = None
 
     @classmethod
@@ -332,8 +334,10 @@ class GiVALinear(nn.Module):
             if self.merged:
                 raise RuntimeError(f"adapter {self.active_adapter!r} is merged into this layer; "
                                    "unmerge before running a mixed-adapter batch")
-            return mixed_giva_linear(x, self.weight_out_in(), self.base.bias, *self.mixed_tensors,
-                                     self.mixed_row_ids)
+            ids = self.mixed_row_ids
+            if self.mixed_lookup is not None:  # per call, so that ids changed in place take effect
+                ids = self.mixed_lookup[ids + 1]
+            return mixed_giva_linear(x, self.weight_out_in(), self.base.bias, *self.mixed_tensors, ids)
         if self.merged or self.active_adapter is None:
             return self.base(x)
         a = self.adapter

@@ -201,6 +201,27 @@ def test_mixed_batch_of_one_row_and_by_ids(three):
             torch.testing.assert_close(model(IDS[:1]), expected)
 
 
+@pytest.mark.parametrize("native", [True, False] if ops.HAS_NATIVE else [False])
+def test_mixed_ids_written_in_place_take_effect(three, monkeypatch, native):
+    """The block reads a LongTensor of ids at every forward (what a captured CUDA graph relies on),
+    through each layer's lookup where the layer lacks some adapters ("value" holds two of three)."""
+    _, model = three
+    if not native:
+        monkeypatch.setattr(ops, "supports_mixed", lambda x: False)
+    names = g.adapter_names(model)
+    first, second = [2, -1, 0, 1, 2, 0], [0, 1, -1, 2, 2, -1]
+    with torch.no_grad():
+        expected = [per_adapter_oracle(model, [names[i] if i >= 0 else None for i in rows], IDS)
+                    for rows in (first, second)]
+    ids = torch.tensor(first)
+    with torch.inference_mode(), g.mixed_adapters(model, ids):
+        got_first = model(IDS)
+        ids.copy_(torch.tensor(second))
+        got_second = model(IDS)
+    torch.testing.assert_close(got_first, expected[0])
+    torch.testing.assert_close(got_second, expected[1])
+
+
 def test_mixed_batch_on_a_transformers_model():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -62,3 +62,61 @@ def test_mixed_batch_on_a_cuda_model():
         with g.mixed_adapters(model, rows):
             got = model(ids)
     torch.testing.assert_close(got, expected)
+
+
+def _captured(call):
+    """(graph, output) of call captured in a CUDA graph, after a warm-up call off the capture stream
+    (as torch.cuda.graph asks)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    return graph, out
+
+
+def _expected_fp32(args, ids):
+    """The float64 reference on the CPU for args (on CUDA) with the given ids."""
+    cpu = _on(args, "cpu", torch.float64)
+    return reference.mixed_linear(*cpu[:-1], ids.cpu())
+
+
+@pytest.mark.parametrize("T,n,ranks", [(64, 96, [4, 8]), (2100, 1024, [16])],
+                         ids=["decode", "past-the-per-row-budget"])
+def test_mixed_op_replays_in_a_cuda_graph(T, n, ranks):
+    """Captured once, replayed for new token ids written in place: the op reads nothing on the host
+    while capturing (the second case takes the grouped path outside a graph)."""
+    args = _on(op_args(T, n, n, ranks, torch.float64, True), "cuda", torch.float32)
+    ids = args[-1].clone()
+    graph, y = _captured(lambda: torch.ops.giva.mixed_linear(*args[:-1], ids))
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        ids.copy_(torch.randint(-1, len(ranks), (T,), generator=gen))
+        graph.replay()
+        exact = _expected_fp32(args, ids)
+        assert (y.double().cpu() - exact).abs().max().item() <= 1e-4 * exact.abs().max().item()
+
+
+def test_mixed_adapters_decode_step_in_a_cuda_graph():
+    """A model's forward inside one mixed_adapters block, captured once and replayed after the
+    rows' adapters change in place (the ids tensor), against each adapter run on its own."""
+    torch.manual_seed(0)
+    model = g.apply_giva(Net().cuda(), g.GiVAConfig(r=4, target_modules="all-linear"))
+    g.add_adapter(model, "wide", g.GiVAConfig(r=8, target_modules=["query", "value"], seed=1))
+    fill_vectors(model, "default", 0)
+    fill_vectors(model, "wide", 1)
+    tokens = torch.randint(0, 20, (5, 6), device="cuda")
+    steps = ([1, -1, 0, 1, 0], [0, 0, 1, -1, 1], [-1, 1, 1, 0, -1])
+    with torch.inference_mode():
+        expected = [per_adapter_oracle(model, [None if i < 0 else ("default", "wide")[i] for i in rows],
+                                       tokens) for rows in steps]
+        rows = torch.tensor(steps[0], device="cuda")
+        with g.mixed_adapters(model, rows):
+            graph, out = _captured(lambda: model(tokens))
+            for new, want in zip(steps, expected):
+                rows.copy_(torch.tensor(new))
+                graph.replay()
+                torch.testing.assert_close(out, want)

@@ -257,19 +257,60 @@ def test_bad_input_names_the_argument(emulated):
         emulated.linear_forward(*_args(_as(t, torch.float64)))  # no float64 CUDA kernel
 
 
+def _lowered(args, dtype):
+    """mixed_linear arguments (float64) with the floating tensors in dtype."""
+    return [[t.to(dtype) for t in a] if isinstance(a, list) else
+            a.to(dtype) if a is not None and a.is_floating_point() else a for a in args]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("T", [0, 1, 37, 300])
 @pytest.mark.parametrize("order", ["scattered", "sorted"])  # short runs (gathered rows), long runs (views)
-def test_mixed_linear_matches_reference(emulated, dtype, bias, T, order):
+@pytest.mark.parametrize("path", ["grouped", "per_row"])
+def test_mixed_linear_matches_reference(emulated, dtype, bias, T, order, path):
+    op = getattr(emulated, f"mixed_linear_{path}")
     args = list(op_args(T, 64, 48, [1, 8, 16], torch.float64, bias))
     if order == "sorted":
         args[-1] = args[-1].sort().values
     exact = reference.mixed_linear(*args)
-    low = [[t.to(dtype) for t in a] if isinstance(a, list) else
-           a.to(dtype) if a is not None and a.is_floating_point() else a for a in args]
-    got = emulated.mixed_linear(*low)
-    _assert_matches(got, reference.mixed_linear(*low), exact, dtype, "y")
+    low = _lowered(args, dtype)
+    _assert_matches(op(*low), reference.mixed_linear(*low), exact, dtype, "y")
     if dtype != torch.float32:  # the vectors as a half-precision model keeps them: float32
         low[5:7] = [[t.float() for t in args[5]], [t.float() for t in args[6]]]
-        _assert_matches(emulated.mixed_linear(*low), reference.mixed_linear(*low), exact, dtype, "y")
+        _assert_matches(op(*low), reference.mixed_linear(*low), exact, dtype, "y")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mixed_per_row_many_adapters(emulated, dtype):
+    """Two adapter tables (32 adapters per launch), ranks over several chunks of 8 (1 to 17), an
+    odd in and an out over several column blocks, rows without an adapter in between."""
+    ranks = [1, 3, 8, 9, 17] * 7  # 35 adapters
+    args = list(op_args(90, 37, 300, ranks, torch.float64, bias=True, seed=3))
+    args[-1] = torch.randint(-1, len(ranks), (90,), generator=torch.Generator().manual_seed(4))
+    args[-1][:len(ranks)] = torch.arange(len(ranks))  # every adapter has a row
+    low = _lowered(args, dtype)
+    _assert_matches(emulated.mixed_linear_per_row(*low), reference.mixed_linear(*low),
+                    reference.mixed_linear(*args), dtype, "y")
+
+
+def test_mixed_path_choice(emulated):
+    """Small calls take the per-row path (sync-free); once T r_max (in + out) passes 2^26 the
+    grouped one: bit-identical to the path's own op."""
+    small = op_args(37, 64, 48, [1, 8, 16], torch.float32, seed=5)
+    assert torch.equal(emulated.mixed_linear(*small), emulated.mixed_linear_per_row(*small))
+    large = list(op_args(2100, 1024, 1024, [16], torch.float32, seed=6))  # 2100 * 16 * 2048 > 2^26
+    large[-1] = large[-1].sort().values  # long runs: the grouped path's GEMMs, fast on the CPU
+    assert torch.equal(emulated.mixed_linear(*large), emulated.mixed_linear_grouped(*large))
+
+
+def test_mixed_per_row_bad_id_asserts():
+    """A token id out of range stops the per-row kernel with a device-side assert naming it (run in
+    a child process: the assert aborts it)."""
+    code = ("import torch, sys; sys.path.insert(0, 'tests'); from test_adapters import op_args; "
+            f"torch.ops.load_library({str(_build_emulation())!r}); "
+            "args = list(op_args(8, 16, 12, [2, 3], torch.float32)); args[-1][5] = 2; "
+            "torch.ops.giva_cuda_emulation.mixed_linear_per_row(*args)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "token id is outside [-1, number of adapters)" in done.stderr

@@ -25,7 +25,6 @@
 // Indexing: every offset into a T-sized tensor is computed in int64 (T * in and T * out may pass
 // 2^31), and every launch checks its grid against CUDA's limits.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -34,14 +33,10 @@
 
 #include "../cpu/checks.h"
 #include "runtime.h"
+#include "warp_reduce.h"
 
 namespace giva {
 namespace {
-
-#define GIVA_DISPATCH_CASES(...)                  \
-  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)       \
-  AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)        \
-  AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)
 
 constexpr int kRank = 8;       // ranks per fused kernel; r <= kRank runs here, zero-padded
 constexpr int kThreads = 256;  // every kernel below
@@ -53,8 +48,6 @@ static_assert(kRank == 8, "warp_reduce_scatter8 assumes kRank == 8");
 // Each thread owns 16 bytes of a row: one vector access on the aligned path.
 template <typename T>
 constexpr int vec_width() { return 16 / static_cast<int>(sizeof(T)); }
-
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -106,32 +99,6 @@ __device__ __forceinline__ void store_pack(T* __restrict__ row, int64_t c, int64
     for (int e = 0; e < N; ++e)
       if (c + e < limit) row[c + e] = static_cast<T>(v[e]);
   }
-}
-
-// One reduce-scatter step: lanes that differ in bit 4 * HALF keep one half of v[0..2 * HALF) and
-// add the partner's copy of it.
-template <int HALF>
-__device__ __forceinline__ void trade_half(float (&v)[kRank], int lane) {
-  const bool hi = lane & (4 * HALF);
-#pragma unroll
-  for (int i = 0; i < HALF; ++i) {
-    const float keep = hi ? v[i + HALF] : v[i];
-    const float send = hi ? v[i] : v[i + HALF];
-    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 4 * HALF);
-  }
-}
-
-// Sums v[0..8) over the warp with 9 shuffles instead of 40; afterwards every lane holds the total
-// of index lane / 4 (lane bits 4, 3, 2 pick the half kept at each step).
-__device__ __forceinline__ float warp_reduce_scatter8(float (&v)[kRank]) {
-  const int lane = threadIdx.x & 31;
-  trade_half<4>(v, lane);
-  trade_half<2>(v, lane);
-  trade_half<1>(v, lane);
-  float total = v[0];
-  total += __shfl_xor_sync(0xffffffffu, total, 2);
-  total += __shfl_xor_sync(0xffffffffu, total, 1);
-  return total;
 }
 
 // A kRank x N factor read in place from a frozen basis:
