@@ -26,7 +26,8 @@ demo: $(VENV)/.installed
 # Benchmark suite (bench/, pytest-benchmark): GiVA against LoRA and VeRA. `bench` runs the default
 # size (about 5 minutes on 2 idle CPU cores) into bench/results/suite_$(BENCH_DEVICE).json, .md
 # and .png; `bench-smoke` runs every case once (quick size, no timing) and renders that JSON, then
-# the standalone scripts once on tiny shapes.
+# the standalone scripts once on tiny shapes in float32 and bfloat16 (gpu_check.sh runs them in
+# half precision).
 BENCH_DEVICE ?= cpu
 BENCH_OUT := bench/results/suite_$(BENCH_DEVICE)
 SMOKE_OUT := build/bench-smoke/suite
@@ -41,10 +42,12 @@ bench-smoke: $(VENV)/.installed
 	$(BIN)/python -m pytest bench/ -q --bench-size quick --bench-device cpu --benchmark-disable \
 		--benchmark-json $(SMOKE_OUT).json
 	$(BIN)/python bench/report.py $(SMOKE_OUT).json
-	$(BIN)/python bench/layer_overhead.py --shapes 64x48x40 --ranks 4 --reps 1 --warmup 0 --profile \
-		--json $(dir $(SMOKE_OUT))layer_overhead.json
-	$(BIN)/python bench/mixed_adapters.py --sequences 4 --seq-len 8 --adapters 3 --dims 64 --reps 1 \
-		--warmup 0 --json $(dir $(SMOKE_OUT))mixed_adapters.json
+	for dtype in float32 bfloat16; do \
+		$(BIN)/python bench/layer_overhead.py --dtype $$dtype --shapes 64x48x40 --ranks 4 --reps 1 \
+			--warmup 0 --profile --json $(dir $(SMOKE_OUT))layer_overhead_$$dtype.json && \
+		$(BIN)/python bench/mixed_adapters.py --dtype $$dtype --sequences 4 --seq-len 8 --adapters 3 \
+			--dims 64 --reps 1 --warmup 0 --json $(dir $(SMOKE_OUT))mixed_adapters_$$dtype.json || exit 1; \
+	done
 
 # The native-op tests against the CPU ops built with AddressSanitizer + UBSan (in a temporary copy).
 asan: $(VENV)/.installed

@@ -54,7 +54,11 @@ def build_cases(base: nn.Linear, r: int, device) -> tuple[dict, list]:
     if native_supported(device, base.weight.dtype):
         cases["GiVA native"] = layer
     cases["GiVA reference"] = ReferenceGiVA(layer)
-    cases["GiVA unfused"] = lambda x: base(x) + layer.lambda_o * ((layer.lambda_s * (x @ layer.A.t())) @ layer.B.t())
+    def unfused(x):  # the vectors in x's dtype, as the unfused authors' code computes
+        lambda_s, lambda_o = layer.lambda_s.to(x.dtype), layer.lambda_o.to(x.dtype)
+        return base(x) + lambda_o * ((lambda_s * (x @ layer.A.t())) @ layer.B.t())
+
+    cases["GiVA unfused"] = unfused
     cases["LoRA (plain PyTorch)"] = layer_peer("lora-torch", base, r)
     if peft is not None:
         cases["PEFT LoRA"] = layer_peer("peft-lora", base, r)
