@@ -16,15 +16,19 @@
 // y error stays below the bf16 composite's (which rounds x W^T on its own), so both dtypes share
 // the rules.
 //
-// On the SIMD path (simd_path(): fp32, r <= 64, an AVX-512 CPU) the thin products and M run per
-// cache-sized block of rows (x or g read once, while hot), in parallel over blocks, through the
-// kernels of thin_kernels.h (BLAS runs these shapes far below GEMM speed). Elsewhere (bfloat16,
-// float64, wider ranks, other CPUs) every product is one whole-tensor ATen GEMM, and the fold adds
-// the adapter's term after the base GEMM instead of before; bf16 GEMMs accumulate in fp32 and
-// round once, as the composite does. The lambda gradients are formed in fp32 (fp64 for fp64) and
-// returned in the vectors' dtype: beside bfloat16 data the vectors may be float32 (the trainable
-// parameters as the optimizer keeps them); they enter only the folded factors.
+// On the SIMD path (simd_path(): fp32, a basis panel r x max(in, out) of at most 128 KiB, an
+// AVX-512 CPU) the thin products and M run per cache-sized block of rows (x or g read once, while
+// hot), in parallel over blocks, through the kernels of thin_kernels.h (BLAS runs these shapes far
+// below GEMM speed). Elsewhere (bfloat16, float64, wider panels, other CPUs) every product is one
+// whole-tensor ATen GEMM, in the same fold order (the adapter's term first, the base GEMM
+// accumulating onto it; in bf16 that measured 5-12% of the frozen layer's time faster than adding
+// the term after the base GEMM, an in-place K = r product over y); bf16 GEMMs accumulate in fp32
+// and round once. The lambda gradients are formed in fp32 (fp64 for fp64) and returned in the
+// vectors' dtype: beside bfloat16 data the vectors may be float32 (the trainable parameters as
+// the optimizer keeps them); they enter only the folded factors, formed in fp32 and rounded once.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
@@ -58,23 +62,62 @@ bool merge_forward(int64_t T, int64_t in, int64_t out, int64_t r) {
 }
 bool merge_backward(int64_t T, int64_t out) { return out <= T; }
 
-// The SIMD kernels are for thin products: past this rank the products are GEMMs that BLAS runs
-// faster (measured at r = 256, 4096x4096, T = 512: the SIMD path made the layer 1.6x the frozen
-// one, ATen 1.2x).
-constexpr int64_t kSimdMaxRank = 64;
+// The SIMD kernels are for thin, memory-bound products. They keep a 1 MiB block of x or g hot in
+// L2 while streaming an r x width panel of a basis past it; once that panel passes this size the
+// products are better run as GEMMs by BLAS. Measured fwd+bwd / frozen, SIMD against ATen GEMMs in
+// one run (2 threads, fp32; runs differ by ~2%): at or below it SIMD is 1-3% lower (1024^2 with
+// r = 8-16, 4096^2 with r = 8) or even (1024^2, r = 32); above it, 3-5% higher at 4096^2 with
+// r = 16-64 and even at 1024^2 with r = 64 and 4096 -> 11008 with r = 8.
+constexpr int64_t kSimdMaxPanelBytes = 128 << 10;
 
-// Whether the adapter's products run blocked, through the fp32 SIMD kernels (fp32, a thin rank,
+// Whether the adapter's products run blocked, through the fp32 SIMD kernels (fp32, a thin panel,
 // a CPU where they are fast). Elsewhere they run as whole-tensor ATen GEMMs: per-block ATen calls
 // of thin shapes are slow (bfloat16, T=2048, 1024x1024, r=8: a blocked forward took 6.1 ms, whole
 // GEMMs 4.3 ms, the frozen layer 3.9 ms).
-bool simd_path(at::ScalarType dtype, int64_t r) {
-  return dtype == at::kFloat && r <= kSimdMaxRank && cpu::thin_kernels_fast();
+bool simd_path(at::ScalarType dtype, int64_t r, int64_t in, int64_t out) {
+  return dtype == at::kFloat &&
+         r * std::max(in, out) * static_cast<int64_t>(sizeof(float)) <= kSimdMaxPanelBytes &&
+         cpu::thin_kernels_fast();
 }
 
 // A copy of a small fp32 matrix with each row padded by 64 bytes: rows of a power-of-two width
 // would otherwise all map to the same L1 sets when a SIMD tile reads them at one column.
 at::Tensor padded(const at::Tensor& t) {
   return at::empty({t.size(0), t.size(1) + 16}, t.options()).narrow(1, 0, t.size(1)).copy_(t);
+}
+
+// diag(row) src diag(col) as a new contiguous tensor of `dtype` (row, col: vectors, or undefined for
+// ones; src may be a transposed view), formed in the accumulator type and rounded once, in one
+// pass. As tensor ops (casts, two products, a cast back) the folded factors of a 4096 x 64 basis
+// cost ~1 ms per call in bfloat16, a temporary and a pass each.
+at::Tensor scaled(const at::Tensor& src, const at::Tensor& row, const at::Tensor& col,
+                  at::ScalarType dtype) {
+  const int64_t rows = src.size(0), cols = src.size(1);
+  auto out = at::empty({rows, cols}, src.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, src.scalar_type(), "giva_scaled", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+    const auto row_c = row.defined() ? row.to(acc).contiguous() : at::Tensor();
+    const auto col_c = col.defined() ? col.to(acc).contiguous() : at::Tensor();
+    const acc_t* rv = row_c.defined() ? row_c.const_data_ptr<acc_t>() : nullptr;
+    const acc_t* cv = col_c.defined() ? col_c.const_data_ptr<acc_t>() : nullptr;
+    const scalar_t* in = src.const_data_ptr<scalar_t>();
+    const int64_t s0 = src.stride(0), s1 = src.stride(1);
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "giva_scaled_out", [&] {
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, cols)),
+                       [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const acc_t ri = rv ? rv[i] : acc_t(1);
+          for (int64_t j = 0; j < cols; ++j) {
+            const acc_t v = static_cast<acc_t>(in[i * s0 + j * s1]) * ri;
+            o[i * cols + j] = static_cast<scalar_t>(cv ? v * cv[j] : v);
+          }
+        }
+      });
+    });
+  });
+  return out;
 }
 
 // The helpers below run the SIMD kernels on fp32 matrices with unit column stride (any row
@@ -148,10 +191,10 @@ void for_row_blocks(int64_t T, int64_t rows, const F& body) {
 at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
                          const at::Tensor& lambda_s, const at::Tensor& lambda_o) {
   const auto dtype = weight.scalar_type();
-  const auto acc = acc_type(dtype);
-  const auto B_o = (B.to(acc) * lambda_o.to(acc).unsqueeze(1)).to(dtype);
-  const auto A_s_flat = (A.to(acc) * lambda_s.to(acc).unsqueeze(1)).to(dtype);
-  if (!simd_path(dtype, A.size(0))) return at::addmm(weight, B_o, A_s_flat);
+  const auto B_o = scaled(B, lambda_o, at::Tensor(), dtype);
+  const auto A_s_flat = scaled(A, lambda_s, at::Tensor(), dtype);
+  if (!simd_path(dtype, A.size(0), weight.size(1), weight.size(0)))
+    return at::addmm(weight, B_o, A_s_flat);
   const auto A_s = padded(A_s_flat);
   const auto w = weight.contiguous();
   auto w_eff = at::empty(w.sizes(), w.options());
@@ -171,13 +214,22 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(
   const int64_t T = x.size(0), in = x.size(1), out = weight.size(0), r = A.size(0);
   const auto xc = x.contiguous();
   const bool merged = merge_forward(T, in, out, r);
-  const auto acc = acc_type(x.scalar_type());
-  if (!simd_path(x.scalar_type(), r)) {
+  if (!simd_path(x.scalar_type(), r, in, out)) {
     auto s = at::mm(xc, A.t());
-    const auto w = merged ? merged_weight(weight, A, B, lambda_s, lambda_o) : weight;
-    auto y = has_bias ? at::addmm(*bias_opt, xc, w.t()) : at::mm(xc, w.t());
-    if (!merged)
-      y.addmm_(s, (B.to(acc) * lambda_o.to(acc).unsqueeze(1) * lambda_s.to(acc)).t().to(x.scalar_type()));
+    if (merged) {
+      const auto w_eff = merged_weight(weight, A, B, lambda_s, lambda_o);
+      return {has_bias ? at::addmm(*bias_opt, xc, w_eff.t()) : at::mm(xc, w_eff.t()), s};
+    }
+    // The fill bias + s (B'' diag(lambda_s))^T as one GEMM: the bias rides as an extra rank,
+    // [s | 1] [(B'' diag(lambda_s))^T ; bias] (addmm's bias broadcast is a pass of its own).
+    auto BT = scaled(B.t(), lambda_s, lambda_o, x.scalar_type());
+    auto s1 = s;
+    if (has_bias) {
+      BT = at::cat({BT, bias_opt->unsqueeze(0)});
+      s1 = at::cat({s, at::ones({T, 1}, s.options())}, 1);
+    }
+    auto y = at::mm(s1, BT);
+    y.addmm_(xc, weight.t());
     return {y, s};
   }
 
@@ -206,23 +258,25 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(
 }
 
 // grad lambda_s[j] = sum_o lambda_o[o] B[o, j] M[o, j] and grad lambda_o[o] = sum_j lambda_s[j]
-// B[o, j] M[o, j], where M^T is the sum of the partials M_parts (parts, r, out), everything in the
-// accumulator type. One loop in parallel over column blocks: as tensor ops (a sum, a product with
+// B[o, j] M[o, j], where M^T is the sum of the partials M_parts (parts, r, out); M and B in the
+// data's dtype, sums in the accumulator type. One loop in parallel over column blocks: as tensor ops (a sum, a product with
 // B^T, two mv) the same took ~0.2 ms per call at r = 8, out = 1024 in dispatch and thread wake-ups,
 // and ~20 ms at r = 256, out = 11008 in B's transposed read. Here M^T is transposed 16 columns at a
 // time into a small buffer (r lines of M^T, read once), so that B's rows and it run along r.
-template <typename acc_t>
+template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> lambda_grads(const at::Tensor& M_parts, const at::Tensor& B,
                                                 const at::Tensor& lambda_s,
                                                 const at::Tensor& lambda_o) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t parts = M_parts.size(0), r = M_parts.size(1), out = M_parts.size(2);
   const auto Mc = M_parts.contiguous(), Bc = B.contiguous();
-  const auto ls_c = lambda_s.contiguous(), lo_c = lambda_o.contiguous();
-  const acc_t* m = Mc.const_data_ptr<acc_t>();
-  const acc_t* b = Bc.const_data_ptr<acc_t>();
+  const auto ls_c = lambda_s.to(acc).contiguous(), lo_c = lambda_o.to(acc).contiguous();
+  const scalar_t* m = Mc.const_data_ptr<scalar_t>();
+  const scalar_t* b = Bc.const_data_ptr<scalar_t>();
   const acc_t* ls = ls_c.const_data_ptr<acc_t>();
   const acc_t* lo = lo_c.const_data_ptr<acc_t>();
-  auto grad_o = at::empty({out}, Bc.options());
+  auto grad_o = at::empty({out}, ls_c.options());
   acc_t* go = grad_o.mutable_data_ptr<acc_t>();
   // grad lambda_s: partial sums per column block, added in block order (deterministic).
   constexpr int64_t kBlock = 512, kTile = 16;
@@ -237,13 +291,14 @@ std::tuple<at::Tensor, at::Tensor> lambda_grads(const at::Tensor& M_parts, const
         std::fill(tile.begin(), tile.end(), acc_t(0));
         for (int64_t p = 0; p < parts; ++p)
           for (int64_t j = 0; j < r; ++j)
-            for (int64_t i = 0; i < w; ++i) tile[i * r + j] += m[(p * r + j) * out + o0 + i];
+            for (int64_t i = 0; i < w; ++i)
+              tile[i * r + j] += static_cast<acc_t>(m[(p * r + j) * out + o0 + i]);
         for (int64_t i = 0; i < w; ++i) {  // contiguous along j: vectorised
-          const acc_t* b_o = b + (o0 + i) * r;
+          const scalar_t* b_o = b + (o0 + i) * r;
           acc_t* mb = tile.data() + i * r;
           acc_t go_o = 0;
           for (int64_t j = 0; j < r; ++j) {
-            mb[j] *= b_o[j];
+            mb[j] *= static_cast<acc_t>(b_o[j]);
             go_o += ls[j] * mb[j];
             gs_blk[j] += lo[o0 + i] * mb[j];
           }
@@ -252,7 +307,7 @@ std::tuple<at::Tensor, at::Tensor> lambda_grads(const at::Tensor& M_parts, const
       }
     }
   });
-  auto grad_s = at::empty({r}, Bc.options());
+  auto grad_s = at::empty({r}, ls_c.options());
   acc_t* gs = grad_s.mutable_data_ptr<acc_t>();
   for (int64_t j = 0; j < r; ++j) {
     double sum = 0;
@@ -274,20 +329,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
   const auto dtype = grad_y.scalar_type();
   const auto acc = acc_type(dtype);
   const bool merged = merge_backward(T, out);
-  const bool simd = simd_path(dtype, r);
+  const bool simd = simd_path(dtype, r, in, out);
   const bool fill_x = need_x && !merged && simd;
   const auto g = grad_y.contiguous();
   const auto sc = s.contiguous();
-  const auto B_acc = B.to(acc);
-  const auto lambda_s_acc = lambda_s.to(acc);
-  const auto lambda_o_acc = lambda_o.to(acc);
 
   at::Tensor grad_x, grad_lambda_s, grad_lambda_o;
   if (need_x) grad_x = at::empty({T, in}, g.options());
   // The fill: u = g B'' (B'' (out, r) in both layouts), then grad_x = u A'.
-  const auto B_o = fill_x ? B_acc * lambda_o_acc.unsqueeze(1) : at::Tensor();
+  const auto B_o = fill_x ? scaled(B, lambda_o, at::Tensor(), acc) : at::Tensor();
   const auto B_oT = fill_x ? B_o.t().contiguous() : at::Tensor();
-  const auto A_s = fill_x ? padded(A * lambda_s.unsqueeze(1)) : at::Tensor();
+  const auto A_s = fill_x ? padded(scaled(A, lambda_s, at::Tensor(), acc)) : at::Tensor();
   // One partial M^T = s^T g (r, out) per thread, summed after the loop.
   const bool lambda_blocks = need_lambda && simd && m_in_blocks(r, out);
   const auto M_parts = lambda_blocks
@@ -307,15 +359,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
   if (fill_x) grad_x.addmm_(g, weight);
   if (need_x && merged) at::mm_out(grad_x, g, merged_weight(weight, A, B, lambda_s, lambda_o));
   if (need_x && !simd && !merged) {
-    at::mm_out(grad_x, g, weight);
-    const auto u = at::mm(g, (B_acc * lambda_o_acc.unsqueeze(1)).to(dtype));
-    grad_x.addmm_(u, (A.to(acc) * lambda_s_acc.unsqueeze(1)).to(dtype));
+    const auto u = at::mm(g, scaled(B, lambda_o, at::Tensor(), dtype));
+    at::mm_out(grad_x, u, scaled(A, lambda_s, at::Tensor(), dtype));
+    grad_x.addmm_(g, weight);
   }
   if (need_lambda) {
-    const auto parts = lambda_blocks ? M_parts : at::mm(sc.t(), g).to(acc).unsqueeze(0);
+    const auto parts = lambda_blocks ? M_parts : at::mm(sc.t(), g).unsqueeze(0);
     at::Tensor grad_s, grad_o;
-    AT_DISPATCH_FLOATING_TYPES(acc, "giva_lambda_grads", [&] {
-      std::tie(grad_s, grad_o) = lambda_grads<scalar_t>(parts, B_acc, lambda_s_acc, lambda_o_acc);
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "giva_lambda_grads", [&] {
+      std::tie(grad_s, grad_o) = lambda_grads<scalar_t>(parts, B, lambda_s, lambda_o);
     });
     if (output_mask[1]) grad_lambda_s = grad_s.to(lambda_s.scalar_type());
     if (output_mask[2]) grad_lambda_o = grad_o.to(lambda_o.scalar_type());
