@@ -236,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(
   // s = x A^T with A in both layouts; and for the fill (B'' diag(lambda_s))^T (r, out), so that
   // y's adapter term is s times it and s itself is never scaled.
   const auto A_c = A.contiguous(), AT = A.t().contiguous();
-  const auto BT = merged ? at::Tensor() : padded((B * lambda_o.unsqueeze(1) * lambda_s).t());
+  const auto BT = merged ? at::Tensor() : padded(scaled(B.t(), lambda_s, lambda_o, at::kFloat));
   const auto bias = has_bias ? bias_opt->contiguous() : at::Tensor();
   auto s = at::empty({T, r}, x.options());
   auto y = at::empty({T, out}, x.options());
