@@ -45,7 +45,7 @@ step() {
 ENV_LOG="$OUT/env_build.log"
 step nvidia_smi 20 "$ENV_LOG" nvidia-smi
 step versions 60 "$ENV_LOG" "$PY" -c \
-  'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
+  'import sys, setuptools, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0)); print("setuptools", setuptools.__version__, "(the build needs >= 77)")'
 # pip's editable install first; build_ext --inplace if pip cannot (e.g. a missing build backend).
 build() {
   "$PY" -m pip install --no-build-isolation --no-deps -e . || "$PY" setup.py build_ext --inplace
