@@ -14,11 +14,11 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ops._HAS_KERNEL["
 # and (301, 100, 333, 20) the tails of the fp32 SIMD kernels (odd rows, K % 16, columns past the
 # 64- and 16-wide tiles, an r with a 16-wide part and a dot-product rest); (150, 40, 300, 13) runs
 # M = g^T s through its 8-, 4- and 1-row groups of m with a last panel narrower than one vector.
-# (90, 130, 1000, 72) and (600, 130, 1000, 72): a basis panel (r x max(in, out)) past the SIMD
+# (90, 130, 1400, 72) and (600, 130, 1400, 72): a basis panel (r x max(in, out)) past the SIMD
 # kernels' (plain GEMMs), folded and merged; (64, 130, 100, 72) a rank past 64 on the SIMD path.
 SHAPES = [(1, 8, 8, 1), (5, 37, 23, 4), (0, 16, 12, 2), (3000, 24, 520, 3), (200, 48, 40, 32),
-          (1100, 24, 2100, 3), (301, 100, 333, 20), (150, 40, 300, 13), (90, 130, 1000, 72),
-          (600, 130, 1000, 72), (64, 130, 100, 72)]
+          (1100, 24, 2100, 3), (301, 100, 333, 20), (150, 40, 300, 13), (90, 130, 1400, 72),
+          (600, 130, 1400, 72), (64, 130, 100, 72)]
 
 
 def make(T, n_in, n_out, r, dtype=torch.float64, device="cpu", bias=True, seed=0):

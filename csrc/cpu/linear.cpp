@@ -16,7 +16,7 @@
 // y error stays below the bf16 composite's (which rounds x W^T on its own), so both dtypes share
 // the rules.
 //
-// On the SIMD path (simd_path(): fp32, a basis panel r x max(in, out) of at most 256 KiB, an
+// On the SIMD path (simd_path(): fp32, a basis panel r x max(in, out) of at most 384 KiB, an
 // AVX-512 CPU) the thin products and M run per cache-sized block of rows (x or g read once, while
 // hot), in parallel over blocks, through the kernels of thin_kernels.h (BLAS runs these shapes far
 // below GEMM speed). Elsewhere (bfloat16, float64, wider panels, other CPUs) every product is one
@@ -65,10 +65,10 @@ bool merge_backward(int64_t T, int64_t out) { return out <= T; }
 // The SIMD kernels are for thin, memory-bound products. They keep a 1 MiB block of x or g hot in
 // L2 while streaming an r x width panel of a basis past it; once that panel passes this size the
 // products are better run as GEMMs by BLAS. Fwd+bwd / frozen in the benchmark suite (fp32,
-// 2 threads, a run with either path): 1024^2, r = 64 (a 256 KiB panel) SIMD 1.209 / ATen 1.388
-// at T = 2048 and 1.336 / 1.495 at T = 512; 4096^2, r = 64 (1 MiB) SIMD 1.106 / ATen 1.052 at
-// T = 512; 4096 -> 11008, r = 8 (344 KiB) even (1.019 / 1.017).
-constexpr int64_t kSimdMaxPanelBytes = 256 << 10;
+// 2 threads, runs with either path): 1024^2, r = 64 (a 256 KiB panel) SIMD 1.209 / ATen 1.388
+// at T = 2048 and 1.336 / 1.495 at T = 512; 4096^2, r = 64 (1 MiB) SIMD 1.106 / ATen 1.052 and
+// 1.067 at T = 512; 4096 -> 11008, r = 8 (344 KiB) SIMD 1.019 / ATen 1.017 and 1.058 (kept SIMD).
+constexpr int64_t kSimdMaxPanelBytes = 384 << 10;
 
 // Whether the adapter's products run blocked, through the fp32 SIMD kernels (fp32, a thin panel,
 // a CPU where they are fast). Elsewhere they run as whole-tensor ATen GEMMs: per-block ATen calls
