@@ -86,14 +86,13 @@ at::Tensor padded(const at::Tensor& t) {
   return at::empty({t.size(0), t.size(1) + 16}, t.options()).narrow(1, 0, t.size(1)).copy_(t);
 }
 
-// diag(row) src diag(col) as a new contiguous tensor of `dtype` (row, col: vectors, or undefined for
-// ones; src may be a transposed view), formed in the accumulator type and rounded once, in one
-// pass. As tensor ops (casts, two products, a cast back) the folded factors of a 4096 x 64 basis
-// cost ~1 ms per call in bfloat16, a temporary and a pass each.
-at::Tensor scaled(const at::Tensor& src, const at::Tensor& row, const at::Tensor& col,
-                  at::ScalarType dtype) {
+// diag(row) src diag(col) as a new contiguous tensor of src's dtype (row, col: vectors, or
+// undefined for ones; src may be a transposed view), formed in the accumulator type and rounded
+// once, in one pass. As tensor ops (casts, two products, a cast back) the folded factors of a
+// 4096 x 64 basis cost ~1 ms per call in bfloat16, a temporary and a pass each.
+at::Tensor scaled(const at::Tensor& src, const at::Tensor& row, const at::Tensor& col) {
   const int64_t rows = src.size(0), cols = src.size(1);
-  auto out = at::empty({rows, cols}, src.options().dtype(dtype));
+  auto out = at::empty({rows, cols}, src.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, src.scalar_type(), "giva_scaled", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
@@ -102,19 +101,17 @@ at::Tensor scaled(const at::Tensor& src, const at::Tensor& row, const at::Tensor
     const acc_t* rv = row_c.defined() ? row_c.const_data_ptr<acc_t>() : nullptr;
     const acc_t* cv = col_c.defined() ? col_c.const_data_ptr<acc_t>() : nullptr;
     const scalar_t* in = src.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t s0 = src.stride(0), s1 = src.stride(1);
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "giva_scaled_out", [&] {
-      scalar_t* o = out.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, cols)),
-                       [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const acc_t ri = rv ? rv[i] : acc_t(1);
-          for (int64_t j = 0; j < cols; ++j) {
-            const acc_t v = static_cast<acc_t>(in[i * s0 + j * s1]) * ri;
-            o[i * cols + j] = static_cast<scalar_t>(cv ? v * cv[j] : v);
-          }
+    at::parallel_for(0, rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, cols)),
+                     [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const acc_t ri = rv ? rv[i] : acc_t(1);
+        for (int64_t j = 0; j < cols; ++j) {
+          const acc_t v = static_cast<acc_t>(in[i * s0 + j * s1]) * ri;
+          o[i * cols + j] = static_cast<scalar_t>(cv ? v * cv[j] : v);
         }
-      });
+      }
     });
   });
   return out;
@@ -191,8 +188,8 @@ void for_row_blocks(int64_t T, int64_t rows, const F& body) {
 at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
                          const at::Tensor& lambda_s, const at::Tensor& lambda_o) {
   const auto dtype = weight.scalar_type();
-  const auto B_o = scaled(B, lambda_o, at::Tensor(), dtype);
-  const auto A_s_flat = scaled(A, lambda_s, at::Tensor(), dtype);
+  const auto B_o = scaled(B, lambda_o, at::Tensor());
+  const auto A_s_flat = scaled(A, lambda_s, at::Tensor());
   if (!simd_path(dtype, A.size(0), weight.size(1), weight.size(0)))
     return at::addmm(weight, B_o, A_s_flat);
   const auto A_s = padded(A_s_flat);
@@ -222,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(
     }
     // The fill bias + s (B'' diag(lambda_s))^T as one GEMM: the bias rides as an extra rank,
     // [s | 1] [(B'' diag(lambda_s))^T ; bias] (addmm's bias broadcast is a pass of its own).
-    auto BT = scaled(B.t(), lambda_s, lambda_o, x.scalar_type());
+    auto BT = scaled(B.t(), lambda_s, lambda_o);
     auto s1 = s;
     if (has_bias) {
       BT = at::cat({BT, bias_opt->unsqueeze(0)});
@@ -236,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(
   // s = x A^T with A in both layouts; and for the fill (B'' diag(lambda_s))^T (r, out), so that
   // y's adapter term is s times it and s itself is never scaled.
   const auto A_c = A.contiguous(), AT = A.t().contiguous();
-  const auto BT = merged ? at::Tensor() : padded(scaled(B.t(), lambda_s, lambda_o, at::kFloat));
+  const auto BT = merged ? at::Tensor() : padded(scaled(B.t(), lambda_s, lambda_o));
   const auto bias = has_bias ? bias_opt->contiguous() : at::Tensor();
   auto s = at::empty({T, r}, x.options());
   auto y = at::empty({T, out}, x.options());
@@ -259,10 +256,11 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(
 
 // grad lambda_s[j] = sum_o lambda_o[o] B[o, j] M[o, j] and grad lambda_o[o] = sum_j lambda_s[j]
 // B[o, j] M[o, j], where M^T is the sum of the partials M_parts (parts, r, out); M and B in the
-// data's dtype, sums in the accumulator type. One loop in parallel over column blocks: as tensor ops (a sum, a product with
-// B^T, two mv) the same took ~0.2 ms per call at r = 8, out = 1024 in dispatch and thread wake-ups,
-// and ~20 ms at r = 256, out = 11008 in B's transposed read. Here M^T is transposed 16 columns at a
-// time into a small buffer (r lines of M^T, read once), so that B's rows and it run along r.
+// data's dtype, sums in the accumulator type. One loop in parallel over column blocks: as tensor
+// ops (a sum, a product with B^T, two mv) the same took ~0.2 ms per call at r = 8, out = 1024 in
+// dispatch and thread wake-ups, and ~20 ms at r = 256, out = 11008 in B's transposed read. Here
+// M^T is transposed 16 columns at a time into a small buffer (r lines of M^T, read once), so that
+// B's rows and it run along r.
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> lambda_grads(const at::Tensor& M_parts, const at::Tensor& B,
                                                 const at::Tensor& lambda_s,
@@ -337,9 +335,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
   at::Tensor grad_x, grad_lambda_s, grad_lambda_o;
   if (need_x) grad_x = at::empty({T, in}, g.options());
   // The fill: u = g B'' (B'' (out, r) in both layouts), then grad_x = u A'.
-  const auto B_o = fill_x ? scaled(B, lambda_o, at::Tensor(), acc) : at::Tensor();
+  const auto B_o = fill_x ? scaled(B, lambda_o, at::Tensor()) : at::Tensor();
   const auto B_oT = fill_x ? B_o.t().contiguous() : at::Tensor();
-  const auto A_s = fill_x ? padded(scaled(A, lambda_s, at::Tensor(), acc)) : at::Tensor();
+  const auto A_s = fill_x ? padded(scaled(A, lambda_s, at::Tensor())) : at::Tensor();
   // One partial M^T = s^T g (r, out) per thread, summed after the loop.
   const bool lambda_blocks = need_lambda && simd && m_in_blocks(r, out);
   const auto M_parts = lambda_blocks
@@ -359,8 +357,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
   if (fill_x) grad_x.addmm_(g, weight);
   if (need_x && merged) at::mm_out(grad_x, g, merged_weight(weight, A, B, lambda_s, lambda_o));
   if (need_x && !simd && !merged) {
-    const auto u = at::mm(g, scaled(B, lambda_o, at::Tensor(), dtype));
-    at::mm_out(grad_x, u, scaled(A, lambda_s, at::Tensor(), dtype));
+    const auto u = at::mm(g, scaled(B, lambda_o, at::Tensor()));
+    at::mm_out(grad_x, u, scaled(A, lambda_s, at::Tensor()));
     grad_x.addmm_(g, weight);
   }
   if (need_lambda) {

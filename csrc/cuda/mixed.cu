@@ -123,13 +123,15 @@ at::Tensor mixed_linear_per_row(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias_opt, at::TensorList A,
                                 at::TensorList B, at::TensorList lambda_s, at::TensorList lambda_o,
                                 const at::Tensor& token_ids) {
-  check_mixed_linear(x, weight, bias_opt, A, B, lambda_s, lambda_o, token_ids, kDevice, kCudaDtypes);
+  check_mixed_linear(x, weight, bias_opt, A, B, lambda_s, lambda_o, token_ids, kDevice,
+                     kCudaDtypes);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t T = x.size(0), in = x.size(1), out = weight.size(0);
   const auto adapters = static_cast<int64_t>(A.size());
   const auto xc = x.contiguous();
   const auto ids = token_ids.contiguous();
-  const auto bias = bias_opt.has_value() && bias_opt->defined() ? bias_opt->contiguous() : at::Tensor();
+  const auto bias =
+      bias_opt.has_value() && bias_opt->defined() ? bias_opt->contiguous() : at::Tensor();
   auto y = at::empty({T, out}, x.options());
   if (T > 0 && out > 0) {
     int64_t r_max = 1;
@@ -160,7 +162,8 @@ at::Tensor mixed_linear_per_row(const at::Tensor& x, const at::Tensor& weight,
                table, s.mutable_data_ptr<float>(), r_max);
         const auto row_tiles = std::min<int64_t>(ceil_div(T, kExpandRows), 65535);
         launch(expand_rows_kernel<scalar_t>,
-               dim3(static_cast<unsigned>(ceil_div(out, kRowThreads)), static_cast<unsigned>(row_tiles)),
+               dim3(static_cast<unsigned>(ceil_div(out, kRowThreads)),
+                    static_cast<unsigned>(row_tiles)),
                kRowThreads, s.const_data_ptr<float>(), r_max, T, out, ids.const_data_ptr<int64_t>(),
                table, bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, first == 0,
                y.mutable_data_ptr<scalar_t>());
@@ -175,8 +178,8 @@ at::Tensor mixed_linear_grouped(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, at::TensorList A,
                                 at::TensorList B, at::TensorList lambda_s, at::TensorList lambda_o,
                                 const at::Tensor& token_ids) {
-  return mixed_linear_impl(x, weight, bias, A, B, lambda_s, lambda_o, token_ids, kDevice, kCudaDtypes,
-                           /*parallel=*/false, GatherRows{});
+  return mixed_linear_impl(x, weight, bias, A, B, lambda_s, lambda_o, token_ids, kDevice,
+                           kCudaDtypes, /*parallel=*/false, GatherRows{});
 }
 
 at::Tensor mixed_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -186,9 +189,11 @@ at::Tensor mixed_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
   // x off the GPU is reported by the argument check, not by the guard.
   const DeviceGuard device_guard(
       x.device().type() == kDevice ? std::optional<c10::Device>(x.device()) : std::nullopt);
+  // The path from shapes only (each path checks the arguments; malformed ones pick either).
   int64_t r_max = 0;
   for (const auto& a : A) r_max = std::max(r_max, a.dim() == 2 ? a.size(0) : int64_t{0});
-  const int64_t T = x.dim() == 2 ? x.size(0) : 0, width = weight.dim() == 2 ? weight.size(0) + weight.size(1) : 0;
+  const int64_t T = x.dim() == 2 ? x.size(0) : 0;
+  const int64_t width = weight.dim() == 2 ? weight.size(0) + weight.size(1) : 0;
   const bool per_row = stream_capturing() || T * r_max * width <= kPerRowBudget;
   return (per_row ? mixed_linear_per_row : mixed_linear_grouped)(x, weight, bias, A, B, lambda_s,
                                                                   lambda_o, token_ids);

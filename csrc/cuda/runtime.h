@@ -1,6 +1,7 @@
 // What the host code in csrc/cuda takes from the CUDA runtime, in one place: the device type and
 // dtypes of its kernels (and their dispatch cases), a device guard, the SM count, occupancy,
-// whether the current stream is being captured into a CUDA graph, and a checked launch on it. tests/cuda_emulation/cuda_emulation.h defines the same names on the CPU (and
+// whether the current stream is being captured into a CUDA graph, and a checked launch on it.
+// tests/cuda_emulation/cuda_emulation.h defines the same names on the CPU (and
 // GIVA_CUDA_EMULATION, which leaves the CUDA registrations out) to run these files without a GPU.
 #pragma once
 
