@@ -76,11 +76,12 @@ def add_adapter(model: nn.Module, name: str, config: GiVAConfig) -> nn.Module:
         chunks = chunks_for(target, config)
         if isinstance(module, GiVALinear):
             module.add_adapter(name, chunks * config.r, chunks, config.dropout, generator,
-                               config.autocast_adapter_dtype)
+                               config.autocast_adapter_dtype, config.input_scale)
         else:
             _replace(model, target, GiVALinear.from_linear(module, chunks * config.r, config.dropout,
                                                            generator, chunks, name,
-                                                           config.autocast_adapter_dtype))
+                                                           config.autocast_adapter_dtype,
+                                                           config.input_scale))
     register_adapter(model, name, config)
     activate(model, active)  # new layers start bare unless ``name`` is active; flags follow
     return model
@@ -188,8 +189,9 @@ def mixed_adapters(model: nn.Module, adapters: Sequence[str | None] | torch.Tens
                                                   dtype=torch.long, device=ids.device)
             layer.mixed_row_ids = ids
             held = list(layer.adapters.values())
-            layer.mixed_tensors = tuple([getattr(a, k) for a in held]
-                                        for k in ("A", "B", "lambda_s", "lambda_o"))
+            # An input scale folds into A (inference only: nothing trains inside the block).
+            layer.mixed_tensors = ([a.scaled_A() for a in held], *([getattr(a, k) for a in held]
+                                                                   for k in ("B", "lambda_s", "lambda_o")))
         yield model
     finally:
         for layer in layers.values():

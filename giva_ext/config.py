@@ -27,6 +27,9 @@ class GiVAConfig:
     autocast_adapter_dtype: on a float16 / bfloat16 model, keep the trainable vectors in float32
         (as PEFT does by default): their optimizer updates and gradients keep float32 precision.
         False: the vectors take the base weights' dtype.
+    input_scale: also train a per-input-feature scale lambda_i (in values per layer, starting at 1):
+        delta W = diag(lambda_o) B diag(lambda_s) A diag(lambda_i), so the update's row space is no
+        longer fixed to span(A). The layer then saves its input x for backward (as LoRA does).
     fused_chunks: {target name: n} for fused projections whose output is n equal chunks (GPT-2's
         c_attn is q, k, v: {"c_attn": 3}). Each chunk gets its own rank-r adapter with bases from
         its own rows of the gradient, so the layer has rank n * r and a block-diagonal B. Names
@@ -42,6 +45,7 @@ class GiVAConfig:
     seed: int = 0
     fused_chunks: dict[str, int] = field(default_factory=dict)
     autocast_adapter_dtype: bool = True
+    input_scale: bool = False
 
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
@@ -72,6 +76,8 @@ class GiVAConfig:
             raise ValueError("GiVAConfig.fused_chunks must map module names to positive ints, "
                              f"got {self.fused_chunks!r}")
         self.fused_chunks = chunks
+        if not isinstance(self.input_scale, bool):
+            raise ValueError(f"GiVAConfig.input_scale must be a bool, got {self.input_scale!r}")
         if not isinstance(self.autocast_adapter_dtype, bool):
             raise ValueError(f"GiVAConfig.autocast_adapter_dtype must be a bool, got {self.autocast_adapter_dtype!r}")
 

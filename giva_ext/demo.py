@@ -111,8 +111,11 @@ def load_vader(seed: int, test_fraction: float = 0.2) -> Split:
                  [t for t, _ in test], [y for _, y in test], dropped)
 
 
-def encode(tokenizer, texts: list[str], labels: list[int]) -> dict[str, torch.Tensor]:
-    enc = tokenizer(texts, padding=True, return_tensors="pt")
+def encode(tokenizer, texts: list[str], labels: list[int],
+           max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Token ids, attention mask and labels, padded to the longest text (cut at ``max_length``)."""
+    enc = tokenizer(texts, padding=True, truncation=max_length is not None, max_length=max_length,
+                    return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
             "labels": torch.tensor(labels)}
 

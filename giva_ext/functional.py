@@ -20,13 +20,44 @@ def _composite(x, weight, bias, A, B, lambda_s, lambda_o, adapter_input):
     return F.linear(x, weight, bias).addmm(s * lambda_s, (B * lambda_o[:, None]).t())
 
 
-def giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, dropout: float = 0.0, training: bool = False):
-    """y = x W^T + bias + lambda_o * ((lambda_s * (x' A^T)) B^T) for x of any leading shape.
+class _LinearTrainableA(torch.autograd.Function):
+    """The fused layer (native op or reference) with a gradient for A as well: grad A =
+    (lambda_s * (g B''))^T x, one more thin product over the tokens, so x (T, in) is saved beside s.
+    An input scale reaches its gradient through A = A0 diag(lambda_i)."""
 
-    x' is x after dropout (adapter input only).  The native fused op runs when it is loaded, supports
-    x's device and dtype, the frozen tensors need no grad and dropout is inactive; otherwise the
-    reference runs (same math, same saved tensors) or, for dropout or trainable frozen tensors, the
-    plain autograd composite.
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, lambda_s, lambda_o, native: bool):
+        forward = torch.ops.giva.linear_forward if native else reference.linear_forward
+        y, s = forward(x, weight, bias, A, B, lambda_s, lambda_o)
+        ctx.native = native
+        ctx.save_for_backward(x, s, weight, A, B, lambda_s, lambda_o)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, s, weight, A, B, lambda_s, lambda_o = ctx.saved_tensors
+        need_x, need_a, need_s, need_o = (ctx.needs_input_grad[i] for i in (0, 3, 5, 6))
+        backward = torch.ops.giva.linear_backward if ctx.native else reference.linear_backward
+        grad_x, grad_s, grad_o = backward(grad_y, s, weight, A, B, lambda_s, lambda_o,
+                                          [need_x, need_s, need_o])
+        grad_a = None
+        if need_a:
+            scaled = (grad_y @ (B * lambda_o.to(B.dtype)[:, None])) * lambda_s.to(B.dtype)
+            grad_a = scaled.t() @ x
+        return grad_x, None, None, grad_a, None, grad_s, grad_o, None
+
+
+def giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, dropout: float = 0.0, training: bool = False,
+                lambda_i=None):
+    """y = x W^T + bias + lambda_o * ((lambda_s * ((x' * lambda_i) A^T)) B^T) for x of any leading shape.
+
+    x' is x after dropout (adapter input only); lambda_i (in,) is the optional input scale (None:
+    ones), folded into A, so the layer is the same op with A diag(lambda_i) as its A.  The native
+    fused op runs when it is loaded, supports x's device and dtype, weight, bias and B need no grad
+    and dropout is inactive; otherwise the reference runs (same math, same saved tensors) or, for
+    dropout or a trainable weight, bias or B, the plain autograd composite. An A that needs grad
+    (through lambda_i, or trained itself) takes the op too, which then also saves x (T, in) for
+    A's gradient.
     """
     # The weights are cast to x's dtype (autocast hands a bf16 x to an fp32 layer), so x's dtype
     # must be a float one, and x's features the layer's: checked here, where the message can say so.
@@ -42,6 +73,11 @@ def giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, dropout: float = 0.0,
         weight = weight.to(dtype)
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
+    if lambda_i is not None:
+        if lambda_i.shape != (A.shape[1],):
+            raise ValueError(f"giva_linear: lambda_i has shape {tuple(lambda_i.shape)}; it must be "
+                             f"({A.shape[1]},), one scale per input feature")
+        A = A.to(torch.promote_types(A.dtype, lambda_i.dtype)) * lambda_i  # A diag(lambda_i), (r, in)
     if A.dtype != dtype or B.dtype != dtype:
         A, B = A.to(dtype), B.to(dtype)
     # The vectors stay float32 beside float16 / bfloat16 x (the ops take them so: the optimizer's
@@ -50,12 +86,13 @@ def giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, dropout: float = 0.0,
     if lambda_s.dtype != vector_dtype or lambda_o.dtype != vector_dtype:
         lambda_s, lambda_o = lambda_s.to(vector_dtype), lambda_o.to(vector_dtype)
     frozen_need_grad = torch.is_grad_enabled() and (
-        weight.requires_grad or A.requires_grad or B.requires_grad
-        or (bias is not None and bias.requires_grad))
+        weight.requires_grad or B.requires_grad or (bias is not None and bias.requires_grad))
     use_dropout = training and dropout > 0.0
     if frozen_need_grad or use_dropout:
         adapter_input = F.dropout(x2, dropout, training=True) if use_dropout else x2
         y = _composite(x2, weight, bias, A, B, lambda_s, lambda_o, adapter_input)
+    elif torch.is_grad_enabled() and A.requires_grad:
+        y = _LinearTrainableA.apply(x2, weight, bias, A, B, lambda_s, lambda_o, ops.supports(x2))
     elif ops.supports(x2):
         y = ops.linear(x2, weight, bias, A, B, lambda_s, lambda_o)
     else:

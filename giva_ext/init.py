@@ -65,8 +65,8 @@ def _frozen_eval(model: nn.Module, layers: dict[str, GiVALinear]):
     """Eval mode, no parameter requiring grad, adapters at zero; everything restored afterwards."""
     was_training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    vectors = [(layer, layer.lambda_s.detach().clone(), layer.lambda_o.detach().clone())
-               for layer in layers.values()]
+    vectors = [(vector, vector.detach().clone()) for layer in layers.values()
+               for vector in layer.adapter.vectors()]
     model.eval()
     model.requires_grad_(False)
     for layer in layers.values():
@@ -78,9 +78,8 @@ def _frozen_eval(model: nn.Module, layers: dict[str, GiVALinear]):
         for p, flag in flags:
             p.requires_grad_(flag)
         with torch.no_grad():
-            for layer, lambda_s, lambda_o in vectors:
-                layer.lambda_s.copy_(lambda_s)
-                layer.lambda_o.copy_(lambda_o)
+            for vector, saved in vectors:
+                vector.copy_(saved)
 
 
 class DenseGradient:
@@ -415,7 +414,8 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
     Runs ``num_batches`` (default: config.grad_batches) batches from ``batches`` with the adapters
     at zero and sets A, B from the truncated SVD of each target's mean gradient G = dL/dW, as the
     init mode says (default: config.init_mode; "random" needs no batches). The loss is
-    ``loss_fn(model, batch)`` or the model's own ``.loss``. Finally lambda_s = 1, lambda_o = 0.
+    ``loss_fn(model, batch)`` or the model's own ``.loss``. Finally lambda_s = 1, lambda_o = 0
+    (and lambda_i = 1).
 
     svd="sketch" (default) never forms G: each layer keeps the sketches G Omega (out x k) and
     Psi G (k' x in) with k = d + oversample, d the directions the mode uses (2r for VrU2r, else

@@ -43,7 +43,8 @@ def export_lora(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the GiVA adapter of ``model`` as a PEFT LoRA adapter into folder ``path``.
 
     ``PeftModel.from_pretrained(base_model, path)`` on the pretrained model then computes what the
-    GiVA model computes: lora_A = diag(lambda_s) A, lora_B = diag(lambda_o) B, lora_alpha = r
+    GiVA model computes: lora_A = diag(lambda_s) A (diag(lambda_i) with an input scale),
+    lora_B = diag(lambda_o) B, lora_alpha = r
     (scaling 1), one entry per GiVA layer (target_modules lists their qualified names). Conv1D
     targets set fan_in_fan_out=True; in a model that mixes Conv1D and nn.Linear targets, PEFT sets
     the flag per layer (with a warning). A fused layer (fused_chunks n) exports as rank n * r via
@@ -57,6 +58,8 @@ def export_lora(model: nn.Module, path: str | os.PathLike) -> Path:
         # Scaled in fp32 and stored in the vectors' dtype, like delta_weight.
         lambda_s, lambda_o = layer.lambda_s.detach().float(), layer.lambda_o.detach().float()
         lora_A = layer.A.detach().float() * lambda_s[:, None]
+        if layer.lambda_i is not None:
+            lora_A = lora_A * layer.lambda_i.detach().float()
         lora_B = layer.B.detach().float() * lambda_o[:, None]
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_A.to(layer.lambda_s.dtype).cpu().contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_B.to(layer.lambda_o.dtype).cpu().contiguous()

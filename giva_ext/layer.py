@@ -93,13 +93,15 @@ def vector_dtype_for(weight_dtype: torch.dtype, autocast_adapter_dtype: bool = T
 
 class GiVAAdapter(nn.Module):
     """One named adapter of a GiVALinear: frozen bases A (r, in) and B (out, r), trainable
-    lambda_s (r,) and lambda_o (out,). Starts at lambda_s = 1, lambda_o = 0 (adds exactly zero) with
-    random orthonormal bases (block-diagonal B with ``chunks`` > 1). The bases are in ``dtype``
-    (the base layer's), the vectors in ``vector_dtype`` (default: the same; see vector_dtype_for)."""
+    lambda_s (r,) and lambda_o (out,), and with ``input_scale`` a trainable lambda_i (in,):
+    delta W = diag(lambda_o) B diag(lambda_s) A diag(lambda_i). Starts at lambda_s = 1,
+    lambda_o = 0, lambda_i = 1 (adds exactly zero) with random orthonormal bases (block-diagonal B
+    with ``chunks`` > 1). The bases are in ``dtype`` (the base layer's), the vectors in
+    ``vector_dtype`` (default: the same; see vector_dtype_for)."""
 
     def __init__(self, in_features: int, out_features: int, r: int, chunks: int = 1,
                  dropout: float = 0.0, generator: torch.Generator | None = None, dtype=None, device=None,
-                 vector_dtype=None):
+                 vector_dtype=None, input_scale: bool = False):
         super().__init__()
         check_rank(r, in_features, out_features, needed=1)  # a positive int; the bound comes next
         if not isinstance(chunks, int) or chunks <= 0 or out_features % chunks or r % chunks:
@@ -118,9 +120,33 @@ class GiVAAdapter(nn.Module):
         vector_dtype = vector_dtype or dtype
         self.lambda_s = nn.Parameter(torch.ones(r, dtype=vector_dtype, device=device))
         self.lambda_o = nn.Parameter(torch.zeros(out_features, dtype=vector_dtype, device=device))
+        self.lambda_i = (nn.Parameter(torch.ones(in_features, dtype=vector_dtype, device=device))
+                         if input_scale else None)
+
+    @property
+    def vector_names(self) -> tuple[str, ...]:
+        """The trainable vectors this adapter has: lambda_s, lambda_o (and lambda_i)."""
+        return ("lambda_s", "lambda_o") + (("lambda_i",) if self.lambda_i is not None else ())
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """Everything that defines the adapter (what an adapter file stores): A, B and the vectors."""
+        return ("A", "B") + self.vector_names
+
+    def vectors(self) -> list[nn.Parameter]:
+        return [getattr(self, name) for name in self.vector_names]
+
+    def scaled_A(self) -> torch.Tensor:
+        """A diag(lambda_i) (A itself without an input scale), detached, in A's dtype: the A the
+        layer applies, for merging, exports and inference-only paths."""
+        if self.lambda_i is None:
+            return self.A
+        acc = torch.promote_types(self.A.dtype, torch.float32)
+        return (self.A.to(acc) * self.lambda_i.detach().to(acc)).to(self.A.dtype)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, dropout={self.dropout}" + (f", chunks={self.chunks}" if self.chunks > 1 else "")
+        return (f"r={self.r}, dropout={self.dropout}" + (f", chunks={self.chunks}" if self.chunks > 1 else "")
+                + (", input_scale=True" if self.lambda_i is not None else ""))
 
 
 class UnknownAdapterError(KeyError):
@@ -163,7 +189,8 @@ class GiVALinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, r: int, bias: bool = True,
                  dropout: float = 0.0, device=None, dtype=None, *, base: nn.Module | None = None,
                  generator: torch.Generator | None = None, chunks: int = 1,
-                 adapter_name: str = "default", autocast_adapter_dtype: bool = True):
+                 adapter_name: str = "default", autocast_adapter_dtype: bool = True,
+                 input_scale: bool = False):
         super().__init__()
         check_adapter_name(adapter_name)
         if base is not None and linear_shape(base) is None:
@@ -174,7 +201,7 @@ class GiVALinear(nn.Module):
         w = base.weight if base is not None else torch.empty(0, dtype=dtype, device=device)
         self.autocast_adapter_dtype = autocast_adapter_dtype
         first = GiVAAdapter(in_features, out_features, r, chunks, dropout, generator, w.dtype, w.device,
-                            vector_dtype_for(w.dtype, autocast_adapter_dtype))
+                            vector_dtype_for(w.dtype, autocast_adapter_dtype), input_scale)
         if base is None:
             base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         base.requires_grad_(False)
@@ -196,18 +223,20 @@ class GiVALinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int, dropout: float = 0.0,
                     generator: torch.Generator | None = None, chunks: int = 1,
-                    adapter_name: str = "default", autocast_adapter_dtype: bool = True) -> "GiVALinear":
+                    adapter_name: str = "default", autocast_adapter_dtype: bool = True,
+                    input_scale: bool = False) -> "GiVALinear":
         """Wrap ``linear`` (an nn.Linear or Conv1D; frozen, not copied) in a GiVA layer of rank ``r``."""
         shape = linear_shape(linear)
         if shape is None:
             raise TypeError(f"expected an nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
         return cls(*shape, r, dropout=dropout, base=linear, generator=generator, chunks=chunks,
-                   adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+                   adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                   input_scale=input_scale)
 
     # ---- named adapters
     def add_adapter(self, name: str, r: int, chunks: int = 1, dropout: float = 0.0,
                     generator: torch.Generator | None = None,
-                    autocast_adapter_dtype: bool | None = None) -> GiVAAdapter:
+                    autocast_adapter_dtype: bool | None = None, input_scale: bool = False) -> GiVAAdapter:
         """Add a new adapter (random orthonormal bases, adding zero); the active one is unchanged.
         autocast_adapter_dtype: as for the layer's first adapter unless given."""
         check_adapter_name(name)
@@ -217,7 +246,7 @@ class GiVALinear(nn.Module):
         adapter = GiVAAdapter(self.in_features, self.out_features, r, chunks, dropout, generator,
                               w.dtype, w.device, vector_dtype_for(
                                   w.dtype, self.autocast_adapter_dtype if autocast_adapter_dtype is None
-                                  else autocast_adapter_dtype))
+                                  else autocast_adapter_dtype), input_scale)
         self.adapters[name] = adapter
         return adapter
 
@@ -251,6 +280,8 @@ class GiVALinear(nn.Module):
     B = property(lambda self: self.adapter.B, doc="The active adapter's B (out, r).")
     lambda_s = property(lambda self: self.adapter.lambda_s, doc="The active adapter's lambda_s (r,).")
     lambda_o = property(lambda self: self.adapter.lambda_o, doc="The active adapter's lambda_o (out,).")
+    lambda_i = property(lambda self: self.adapter.lambda_i,
+                        doc="The active adapter's input scale lambda_i (in,), or None.")
     r = property(lambda self: self.adapter.r, doc="The active adapter's rank.")
     chunks = property(lambda self: self.adapter.chunks, doc="The active adapter's chunk count.")
     dropout = property(lambda self: self.adapter.dropout, doc="The active adapter's input dropout.")
@@ -271,10 +302,12 @@ class GiVALinear(nn.Module):
 
     # ---- the active adapter
     def reset_vectors(self) -> None:
-        """lambda_s = 1, lambda_o = 0: the active adapter adds exactly zero."""
+        """lambda_s = 1, lambda_o = 0 (lambda_i = 1): the active adapter adds exactly zero."""
         with torch.no_grad():
             self.lambda_s.fill_(1.0)
             self.lambda_o.zero_()
+            if self.lambda_i is not None:
+                self.lambda_i.fill_(1.0)
 
     def set_bases(self, A: torch.Tensor, B: torch.Tensor) -> None:
         """Replace the active adapter's frozen bases (shapes (r, in) and (out, r)), reset its vectors.
@@ -297,11 +330,14 @@ class GiVALinear(nn.Module):
         self.reset_vectors()
 
     def delta_weight(self) -> torch.Tensor:
-        """diag(lambda_o) B diag(lambda_s) A as (out, in) in the weight's dtype, computed in fp32
-        (float64 for a float64 weight)."""
+        """diag(lambda_o) B diag(lambda_s) A diag(lambda_i) as (out, in) in the weight's dtype,
+        computed in fp32 (float64 for a float64 weight)."""
         acc = torch.promote_types(self.base.weight.dtype, torch.float32)
         factors = [t.detach().to(acc) for t in (self.A, self.B, self.lambda_s, self.lambda_o)]
-        return reference.delta_weight(*factors).to(self.base.weight.dtype)
+        delta = reference.delta_weight(*factors)
+        if self.lambda_i is not None:
+            delta = delta * self.lambda_i.detach().to(acc)
+        return delta.to(self.base.weight.dtype)
 
     def merge(self, keep_fingerprint: bool = True) -> None:
         """Fold the active adapter into base.weight; forward then runs the plain base layer.
@@ -342,7 +378,7 @@ class GiVALinear(nn.Module):
             return self.base(x)
         a = self.adapter
         return giva_linear(x, self.weight_out_in(), self.base.bias, a.A, a.B, a.lambda_s,
-                           a.lambda_o, a.dropout, self.training)
+                           a.lambda_o, a.dropout, self.training, a.lambda_i)
 
     def extra_repr(self) -> str:
         extra = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""

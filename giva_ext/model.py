@@ -164,8 +164,8 @@ def activate(model: nn.Module, name: str | None) -> None:
     for layer in layers.values():
         layer.set_adapter(name if name in layer.adapters else None)
         for adapter_name, adapter in layer.adapters.items():
-            adapter.lambda_s.requires_grad_(adapter_name == name)
-            adapter.lambda_o.requires_grad_(adapter_name == name)
+            for vector in adapter.vectors():
+                vector.requires_grad_(adapter_name == name)
     if hasattr(model, "giva_adapters"):
         model.giva_active_adapter = name
         model.giva_config = model.giva_adapters[name] if name is not None else None
@@ -201,7 +201,8 @@ def _check_targets(targets: dict[str, nn.Module], config: GiVAConfig) -> None:
 def apply_giva(model: nn.Module, config: GiVAConfig, adapter_name: str = "default") -> nn.Module:
     """Wrap the target layers of ``model`` in GiVALinear (in place) and freeze all but the adapter.
 
-    Trainable afterwards: every lambda_s / lambda_o and the parameters of config.modules_to_save.
+    Trainable afterwards: every lambda_s / lambda_o (and lambda_i with config.input_scale) and the
+    parameters of config.modules_to_save.
     A target named in config.fused_chunks with n chunks gets rank n * config.r (config.r per chunk).
     The adapter is named ``adapter_name`` and active (more: ``giva_ext.add_adapter``).
     Returns the model. Everything is validated before the model is touched.
@@ -223,7 +224,7 @@ def apply_giva(model: nn.Module, config: GiVAConfig, adapter_name: str = "defaul
         chunks = chunks_for(name, config)
         _replace(model, name, GiVALinear.from_linear(linear, chunks * config.r, config.dropout,
                                                      generator, chunks, adapter_name,
-                                                     config.autocast_adapter_dtype))
+                                                     config.autocast_adapter_dtype, config.input_scale))
     for module in to_save.values():
         module.requires_grad_(True)
     register_adapter(model, adapter_name, config)

@@ -41,8 +41,8 @@ FORMAT_VERSION = 2
 READ_FORMATS = (1, 2)
 METADATA_KEY = "giva_adapter"
 CHECKSUM_FIELD = "sha256"  # the header's checksum record (format 2)
-# Tensor names: "<layer>.<field>" for adapter tensors, "modules_to_save.<module>.<key>" for heads.
-ADAPTER_FIELDS = ("A", "B", "lambda_s", "lambda_o")
+# Tensor names: "<layer>.<field>" for adapter tensors (GiVAAdapter.tensor_names: A, B, lambda_s,
+# lambda_o, and lambda_i with an input scale), "modules_to_save.<module>.<key>" for heads.
 SAVED_PREFIX = "modules_to_save."
 FINGERPRINT_KEYS = {"name": str, "shape": list, "dtype": str, "sha256": str}
 
@@ -181,7 +181,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     tensors = {}
     for name, layer in layers.items():
         adapter = layer.adapters[adapter_name] if adapter_name is not None else layer.adapter
-        for field in ADAPTER_FIELDS:
+        for field in adapter.tensor_names:
             tensors[f"{name}.{field}"] = getattr(adapter, field).detach().cpu().contiguous()
     for mname, module in _modules_to_save(model, config).items():
         for key, value in module.state_dict().items():
@@ -290,8 +290,13 @@ def _check_fits(model: nn.Module, config: GiVAConfig, tensors: dict[str, torch.T
         if held is not None and held.r != r:
             raise ValueError(f"it has rank {r} but adapter {adapter_name!r} of layer {name!r} has rank "
                              f"{held.r}")
+        if held is not None and (held.lambda_i is not None) != config.input_scale:
+            raise ValueError(f"it has input_scale={config.input_scale} but adapter {adapter_name!r} of "
+                             f"layer {name!r} has input_scale={held.lambda_i is not None}")
         expected.update({f"{name}.A": (r, in_f, True), f"{name}.B": (out_f, r, True),
                          f"{name}.lambda_s": (r, True), f"{name}.lambda_o": (out_f, True)})
+        if config.input_scale:
+            expected[f"{name}.lambda_i"] = (in_f, True)
     for mname, module in _modules_to_save(model, config).items():
         for key, value in module.state_dict().items():
             expected[f"{SAVED_PREFIX}{mname}.{key}"] = (*value.shape, value.is_floating_point())
@@ -374,7 +379,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         _check_fingerprint(header["fingerprint"], targets)
         _check_fits(model, config, tensors, targets, name)
         heads = _modules_to_save(model, config)
-        overwritten = [getattr(layer.adapters[name], f) for layer in existing.values() for f in ADAPTER_FIELDS]
+        overwritten = [getattr(layer.adapters[name], f) for layer in existing.values()
+                       for f in layer.adapters[name].tensor_names]
         overwritten += [v for module in heads.values() for v in module.state_dict().values()]
         with _unchanged_on_error(model, overwritten):
             if not wrapped:
@@ -385,7 +391,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
                 add_adapter(model, name, config)
             with torch.no_grad():
                 for target, layer in giva_layers(model, name).items():
-                    for field in ADAPTER_FIELDS:
+                    for field in layer.adapters[name].tensor_names:
                         getattr(layer.adapters[name], field).copy_(tensors[f"{target}.{field}"])
             for mname, module in heads.items():
                 prefix = f"{SAVED_PREFIX}{mname}."
@@ -432,7 +438,7 @@ def load_adapters(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{file}: not a readable adapter index ({type(exc).__name__}: {exc})") from exc
     overwritten = [getattr(a, f) for layer in wrapped_layers(model).values()
-                   for a in layer.adapters.values() for f in ADAPTER_FIELDS]
+                   for a in layer.adapters.values() for f in a.tensor_names]
     with _unchanged_on_error(model, overwritten):
         for name in names:
             load_adapter(model, folder / name, name)
