@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 NATIVE_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: test demo cuda-check wheels clean bench bench-smoke asan
+.PHONY: test demo cuda-check wheels clean bench bench-smoke asan quality
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,10 @@ demo: $(VENV)/.installed
 
 # Benchmark suite (bench/, pytest-benchmark): GiVA against LoRA and VeRA. `bench` runs the default
 # size (about 5 minutes on 2 idle CPU cores) into bench/results/suite_$(BENCH_DEVICE).json, .md
-# and .png; `bench-smoke` runs every case once (quick size, no timing) and renders that JSON, then
-# the standalone scripts once on tiny shapes in float32 and bfloat16 (gpu_check.sh runs them in
-# half precision).
+# and .png; `bench-smoke` runs the accuracy benchmark at its quick size (one method of each kind,
+# 2 seeds), every suite case once (quick size, no timing) and renders that JSON, then the
+# standalone scripts once on tiny shapes in float32 and bfloat16 (gpu_check.sh runs them in half
+# precision).
 BENCH_DEVICE ?= cpu
 BENCH_OUT := bench/results/suite_$(BENCH_DEVICE)
 SMOKE_OUT := build/bench-smoke/suite
@@ -37,8 +38,17 @@ bench: $(VENV)/.installed
 		--benchmark-columns=median,iqr,rounds --benchmark-json $(BENCH_OUT).json
 	$(BIN)/python bench/report.py $(BENCH_OUT).json
 
+# Accuracy benchmark (bench/quality.py): every method on VADER and AG News, learning rates from a
+# validation sweep, 3 seeds; about 30 minutes on 2 CPU cores (QUALITY_SIZE=large: about 3 hours).
+QUALITY_SIZE ?= default
+
+quality: $(VENV)/.installed
+	$(BIN)/python bench/quality.py --size $(QUALITY_SIZE) --out bench/results/quality$(if $(filter-out default,$(QUALITY_SIZE)),_$(QUALITY_SIZE))
+
 bench-smoke: $(VENV)/.installed
 	mkdir -p $(dir $(SMOKE_OUT))
+	$(BIN)/python bench/quality.py --size quick --seeds 2 --no-progress \
+		--methods head,lora8,vera8,giva8-VrU2r,giva8-VrU2r-input --out $(dir $(SMOKE_OUT))quality
 	$(BIN)/python -m pytest bench/ -q --bench-size quick --bench-device cpu --benchmark-disable \
 		--benchmark-json $(SMOKE_OUT).json
 	$(BIN)/python bench/report.py $(SMOKE_OUT).json

@@ -343,6 +343,7 @@ def peak_bytes(step, device: torch.device) -> int:
 METHODS = {  # method -> (label, rank): the ranks at which the paper compares the three
     "frozen": ("frozen model (floor)", 0),
     "giva": ("GiVA r=8 (VrU2r)", 8),
+    "giva-input": ("GiVA r=8 + input scale", 8),
     "peft-lora": ("PEFT LoRA r=8", 8),
     "peft-vera": ("PEFT VeRA r=256", 256),
 }
@@ -383,9 +384,9 @@ def minilm_model(method: str, device: torch.device, dtype: torch.dtype, init_bat
         # The floor still runs the whole backward pass (input gradients, no weight gradients):
         # the embedding output requires grad.
         model.encoder.embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_())
-    elif method == "giva":
+    elif method in ("giva", "giva-input"):
         config = giva_ext.GiVAConfig(r=METHODS[method][1], target_modules=TARGET_MODULES,
-                                     init_mode="VrU2r", grad_batches=1, dropout=0.0)
+                                     input_scale=method == "giva-input", grad_batches=1, dropout=0.0)
         giva_ext.apply_giva(model, config)
         giva_ext.init_bases(model, [init_batch], progress=False)
     else:

@@ -17,7 +17,7 @@ class GiVAConfig:
         with "." + name), a regular expression (full match on the qualified name), or "all-linear"
         (every nn.Linear and transformers Conv1D except the output head: get_output_embeddings(),
         modules named lm_head, classifier, score or qa_outputs, and modules_to_save).
-    init_mode: how init_bases picks A and B from the gradient's SVD G = U S V^T (DESIGN.md §1):
+    init_mode: how init_bases picks A and B from the gradient's SVD G = U S V^T:
         "VrU2r" (A = V[:, :r]^T, B = U[:, r:2r]), "VrUr" (B = U[:, :r]), "Vr" (B random
         orthonormal) or "random" (both random orthonormal, no gradient needed).
     grad_batches: how many batches init_bases averages the gradient over.
@@ -30,6 +30,7 @@ class GiVAConfig:
     input_scale: also train a per-input-feature scale lambda_i (in values per layer, starting at 1):
         delta W = diag(lambda_o) B diag(lambda_s) A diag(lambda_i), so the update's row space is no
         longer fixed to span(A). The layer then saves its input x for backward (as LoRA does).
+        False (the paper's adapter) by default: docs/accuracy.md has what it measured.
     fused_chunks: {target name: n} for fused projections whose output is n equal chunks (GPT-2's
         c_attn is q, k, v: {"c_attn": 3}). Each chunk gets its own rank-r adapter with bases from
         its own rows of the gradient, so the layer has rank n * r and a block-diagonal B. Names
@@ -52,10 +53,11 @@ class GiVAConfig:
             raise ValueError(f"GiVAConfig.r must be a positive int, got {self.r!r}")
         if self.init_mode not in INIT_MODES:
             raise ValueError(f"GiVAConfig.init_mode must be one of {INIT_MODES}, got {self.init_mode!r}")
-        if not isinstance(self.grad_batches, int) or self.grad_batches <= 0:
+        if not isinstance(self.grad_batches, int) or isinstance(self.grad_batches, bool) or self.grad_batches <= 0:
             raise ValueError(f"GiVAConfig.grad_batches must be a positive int, got {self.grad_batches!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GiVAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if (not isinstance(self.dropout, numbers.Real) or isinstance(self.dropout, bool)
+                or not 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"GiVAConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         if isinstance(self.target_modules, (list, tuple)):
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
                 raise ValueError("GiVAConfig.target_modules must be a non-empty list of names, "
@@ -64,12 +66,17 @@ class GiVAConfig:
         elif not isinstance(self.target_modules, str) or not self.target_modules:
             raise ValueError("GiVAConfig.target_modules must be a list of names, a regex or "
                              f"'all-linear', got {self.target_modules!r}")
+        if isinstance(self.modules_to_save, str):
+            raise ValueError("GiVAConfig.modules_to_save must be a list of module names, got the string "
+                             f"{self.modules_to_save!r} (write [{self.modules_to_save!r}])")
         self.modules_to_save = list(self.modules_to_save or [])
         if not all(isinstance(m, str) and m for m in self.modules_to_save):
             raise ValueError("GiVAConfig.modules_to_save must be a list of module names, got "
                              f"{self.modules_to_save!r}")
-        if not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool):
-            raise ValueError(f"GiVAConfig.seed must be an int, got {self.seed!r}")
+        # torch.Generator.manual_seed takes [-2**63, 2**64): refuse here what would fail there later.
+        if (not isinstance(self.seed, numbers.Integral) or isinstance(self.seed, bool)
+                or not -2**63 <= self.seed < 2**64):
+            raise ValueError(f"GiVAConfig.seed must be an int in [-2**63, 2**64), got {self.seed!r}")
         chunks = dict(self.fused_chunks or {})
         if not all(isinstance(k, str) and k and isinstance(n, int) and not isinstance(n, bool) and n > 0
                    for k, n in chunks.items()):

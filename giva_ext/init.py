@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checks import maybe_non_finite
+from .config import INIT_MODES
 from .layer import GiVALinear, block_bases, random_orthonormal
 from .model import check_unmerged, get_config, giva_layers
 from .rsvd import GradientSketch, randomized_svd
@@ -447,6 +448,12 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
     """
     config = get_config(model)
     layers = giva_layers(model)
+    if init_mode is not None and init_mode not in INIT_MODES:
+        raise ValueError(f"init_mode must be one of {INIT_MODES} (or None for the config's), got {init_mode!r}")
+    if num_batches is not None and (not isinstance(num_batches, int) or isinstance(num_batches, bool)
+                                    or num_batches <= 0):
+        raise ValueError(f"num_batches must be a positive int (or None for the config's grad_batches), "
+                         f"got {num_batches!r}")
     mode = init_mode or config.init_mode
     if on_zero_grad not in ("error", "random"):
         raise ValueError(f"on_zero_grad must be 'error' or 'random', got {on_zero_grad!r}")

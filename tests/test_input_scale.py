@@ -195,3 +195,10 @@ def test_compiled_training_step_matches_eager():
             opt.zero_grad()
     for got, want in zip(compiled_layer.adapter.vectors(), eager.adapter.vectors()):
         torch.testing.assert_close(got, want)
+
+
+
+def test_configs_saved_before_the_input_scale_load_without_it():
+    saved = {k: v for k, v in g.GiVAConfig(r=4).to_dict().items() if k != "input_scale"}
+    assert g.GiVAConfig.from_dict(saved).input_scale is False
+    assert g.GiVAConfig.from_dict(g.GiVAConfig(input_scale=True).to_dict()).input_scale is True

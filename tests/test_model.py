@@ -125,10 +125,15 @@ def test_bad_configs_fail_before_the_model_changes(config, message):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("field,value", [("r", 0), ("r", -2), ("init_mode", "svd"), ("grad_batches", 0),
-                                         ("dropout", 1.0), ("target_modules", [])])
+@pytest.mark.parametrize("field,value", [
+    ("r", 0), ("r", -2), ("init_mode", "svd"), ("grad_batches", 0), ("grad_batches", True),
+    ("dropout", 1.0), ("dropout", "0.1"), ("dropout", True), ("target_modules", []),
+    ("modules_to_save", "classifier"), ("seed", 2**70), ("seed", -2**64), ("seed", 1.5),
+    ("input_scale", "yes")])
 def test_config_validation(field, value):
-    with pytest.raises(ValueError, match=field):
+    """Each bad value is a ValueError naming the field (never a raw TypeError later, never a
+    string split into characters, never a seed the generator refuses at init)."""
+    with pytest.raises(ValueError, match=f"GiVAConfig.{field}"):
         g.GiVAConfig(**{field: value})
 
 
