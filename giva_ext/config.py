@@ -5,6 +5,8 @@ import dataclasses
 import numbers
 from dataclasses import dataclass, field
 
+from .precondition import PRECONDITIONERS
+
 INIT_MODES = ("VrU2r", "VrUr", "Vr", "random")
 
 
@@ -20,6 +22,10 @@ class GiVAConfig:
     init_mode: how init_bases picks A and B from the gradient's SVD G = U S V^T:
         "VrU2r" (A = V[:, :r]^T, B = U[:, r:2r]), "VrUr" (B = U[:, :r]), "Vr" (B random
         orthonormal) or "random" (both random orthonormal, no gradient needed).
+    precondition: "none" (the paper's: the SVD of the gradient G) or "rms" (the SVD of
+        D_g^-1 G D_x^-1, every input feature and output-gradient feature divided by its RMS over
+        the first gradient batch: the step an Adam-style optimiser takes first, no longer
+        dominated by a few outlier features; see giva_ext.precondition and docs/accuracy.md).
     grad_batches: how many batches init_bases averages the gradient over.
     dropout: dropout on the adapter's input during training (the base layer sees x unchanged).
     modules_to_save: modules that train fully and are saved with the adapter (e.g. a new head).
@@ -47,6 +53,7 @@ class GiVAConfig:
     fused_chunks: dict[str, int] = field(default_factory=dict)
     autocast_adapter_dtype: bool = True
     input_scale: bool = False
+    precondition: str = "none"
 
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
@@ -83,6 +90,8 @@ class GiVAConfig:
             raise ValueError("GiVAConfig.fused_chunks must map module names to positive ints, "
                              f"got {self.fused_chunks!r}")
         self.fused_chunks = chunks
+        if self.precondition not in PRECONDITIONERS:
+            raise ValueError(f"GiVAConfig.precondition must be one of {PRECONDITIONERS}, got {self.precondition!r}")
         if not isinstance(self.input_scale, bool):
             raise ValueError(f"GiVAConfig.input_scale must be a bool, got {self.input_scale!r}")
         if not isinstance(self.autocast_adapter_dtype, bool):

@@ -2,7 +2,8 @@
 
 The gradient G = sum over batches of g^T x (out x in) of each layer is never formed by default:
 the init streams its sketches G Omega and Psi G (giva_ext.rsvd.GradientSketch, DESIGN.md §2) from
-the layer's input x and output gradient g, and takes the singular vectors from them. svd="dense"
+the layer's input x and output gradient g, and takes the singular vectors from them (with
+precondition="rms", of D_g^-1 G D_x^-1: giva_ext.precondition). svd="dense"
 keeps the exact dense gradient instead (the oracle; also used for any layer too small for a sketch
 to save memory). Under torch.distributed every process sketches its own batches and one
 all_reduce sums the sketches. A cache file lets an interrupted or repeated init resume.
@@ -27,6 +28,7 @@ from .checks import maybe_non_finite
 from .config import INIT_MODES
 from .layer import GiVALinear, block_bases, random_orthonormal
 from .model import check_unmerged, get_config, giva_layers
+from .precondition import PRECONDITIONERS, FeatureScales
 from .rsvd import GradientSketch, randomized_svd
 from .serialization import _atomic_write, check_fingerprint_schema, pack, unpack, weight_fingerprint
 
@@ -43,6 +45,8 @@ PROGRESS_TYPES = {"pass": int, "batches": int, "losses": list, "total": (int, ty
                   "complete": bool}
 # A later pass must see the batches of pass 1 again: their losses must agree to this tolerance.
 PASS_LOSS_RTOL = 1e-4
+# Cache keys of the preconditioner's feature scales (a "/" never appears in a module name).
+SCALES_PREFIX = "feature_scales/"
 
 
 def model_loss(model: nn.Module, batch):
@@ -162,14 +166,15 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
-    """Sum each tensor over all processes, in place: one all_reduce per (device, dtype)."""
+def _all_reduce_sum(tensors: list[torch.Tensor], op=dist.ReduceOp.SUM) -> None:
+    """Sum (or reduce by ``op``) each tensor over all processes, in place: one all_reduce per
+    (device, dtype)."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
     for group in groups.values():
         flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        dist.all_reduce(flat, op=op)
         offset = 0
         for t in group:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
@@ -230,15 +235,27 @@ class _Cache:
                                      "in the cache")
         return progress, tensors
 
-    def save(self, progress: dict, units: list[_Unit]) -> None:
+    def save(self, progress: dict, units: list[_Unit], scales: dict[str, FeatureScales] | None) -> None:
         tensors = {f"{u.name}.{key}": t.detach().cpu().contiguous()
                    for u in units for key, t in u.acc.state().items()}
+        if scales is not None and _scales_ready(scales):
+            tensors.update({f"{SCALES_PREFIX}{name}.{key}": t.detach().cpu().contiguous()
+                            for name, sc in scales.items() for key, t in sc.state().items()})
         header = {"library": "giva_ext", "format": CACHE_FORMAT, "settings": self.settings,
                   "fingerprint": self.fingerprint, "progress": progress}
         _atomic_write(self.path, pack(tensors, CACHE_KEY, header)[0])
 
 
-def _restore(path: Path, units: list[_Unit], progress: dict, tensors: dict[str, torch.Tensor]) -> None:
+def _restore(path: Path, units: list[_Unit], progress: dict, tensors: dict[str, torch.Tensor],
+             scales: dict[str, FeatureScales] | None) -> None:
+    if scales is not None and any(key.startswith(SCALES_PREFIX) for key in tensors):
+        for name, sc in scales.items():
+            keys = {k: f"{SCALES_PREFIX}{name}.{k}" for k in ("inv_in", "inv_out")}
+            missing = [key for key in keys.values() if key not in tensors]
+            if missing:
+                raise ValueError(f"init cache {path}: the feature scales of {name!r} are missing")
+            sc.load_state({k: tensors[key] for k, key in keys.items()})
+    tensors = {key: t for key, t in tensors.items() if not key.startswith(SCALES_PREFIX)}
     for u in units:
         prefix = f"{u.name}."
         state = {key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)}
@@ -274,11 +291,13 @@ def _check_finite_forward(records, loss: torch.Tensor, index: int) -> None:
 
 
 def _run_pass(model, layers, units, batches, count: int, loss_fn, pass_index: int, passes: int,
-              progress_state: dict, cache: _Cache | None, cache_every: int, show: bool) -> int:
+              progress_state: dict, cache: _Cache | None, cache_every: int, show: bool,
+              scales: dict[str, FeatureScales] | None, world: int) -> int:
     """One pass over the first ``count`` batches: forward hooks keep each target's input x, a
     zero probe on its output gives g = dL/dy, and every unit of the layer adds g^T x to its
-    accumulator. No parameter requires grad, so no weight gradient or .grad is ever made.
-    Returns the number of batches of the pass; skips those the cache already holds."""
+    accumulator (D_g^-1 g^T x D_x^-1 with ``scales``, which the first batch sets). No parameter
+    requires grad, so no weight gradient or .grad is ever made. Returns the number of batches of
+    the pass; skips those the cache already holds."""
     by_layer: dict[str, list[_Unit]] = {}
     for u in units:
         if pass_index < u.acc.passes:
@@ -323,16 +342,22 @@ def _run_pass(model, layers, units, batches, count: int, loss_fn, pass_index: in
                 raise ValueError(f"batch {seen} has loss {value:.6g} in pass {pass_index + 1} but "
                                  f"{first} in pass 1: with passes > 1 the batches must be the same "
                                  "in every pass (a list, or a DataLoader without shuffling)")
+            flat = [(name, x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]))
+                    for (name, x, _), dy in zip(records, dys) if dy is not None]
+            if scales is not None and not _scales_ready(scales):
+                for name, x2, dy2 in flat:
+                    scales[name].add(x2, dy2)
+                if _finish_scales(scales, world, failed=False):
+                    raise RuntimeError("init_bases failed in another process (see its error)")
             test_matrices = {}
-            for (name, x, _), dy in zip(records, dys):
-                if dy is None:
-                    continue
-                x2 = x.reshape(-1, x.shape[-1])
-                dy2 = dy.reshape(-1, dy.shape[-1])
+            for name, x2, dy2 in flat:
                 for u in by_layer[name]:
                     if u.name not in test_matrices:  # drawn once per batch, even for shared layers
                         test_matrices[u.name] = u.acc.test_matrices()
-                    u.acc.update(x2, dy2[:, u.rows], test_matrices[u.name])
+                    xs, gs = x2, dy2[:, u.rows]
+                    if scales is not None:
+                        xs, gs = scales[name].apply(xs, gs, u.rows)
+                    u.acc.update(xs, gs, test_matrices[u.name])
             active = [u for u in units if pass_index < u.acc.passes]
             if maybe_non_finite([t for u in active for t in u.acc.sums()]):
                 for u in active:
@@ -343,7 +368,7 @@ def _run_pass(model, layers, units, batches, count: int, loss_fn, pass_index: in
             records.clear()
             progress_state["batches"] = seen
             if cache is not None and seen % cache_every == 0:
-                cache.save(progress_state, units)
+                cache.save(progress_state, units, scales)
     finally:
         for handle in handles:
             handle.remove()
@@ -351,6 +376,44 @@ def _run_pass(model, layers, units, batches, count: int, loss_fn, pass_index: in
         raise ValueError(f"pass {pass_index + 1} saw {seen} batches but pass 1 saw {len(losses)}: "
                          "with passes > 1 the batches must be the same in every pass")
     return seen
+
+
+def _scales_ready(scales: dict[str, FeatureScales]) -> bool:
+    return all(sc.inv_in is not None for sc in scales.values())
+
+
+def _finish_scales(scales: dict[str, FeatureScales], world: int, failed: bool) -> bool:
+    """Sum the first batch's feature statistics over all processes and set the scales; returns
+    whether another process reported a failure instead (a process without batches, or one that
+    failed before its first batch's statistics, still takes part, so none waits forever)."""
+    others_failed = False
+    if world > 1:
+        sums = [sc.sums for sc in scales.values()]
+        flag = torch.tensor([float(failed)], dtype=sums[0].dtype, device=sums[0].device)
+        _all_reduce_sum(sums + [flag])
+        others_failed = flag.item() > float(failed)
+    for sc in scales.values():
+        sc.finish()
+    return others_failed
+
+
+def _share_restored_scales(scales: dict[str, FeatureScales]) -> None:
+    """Give the feature scales a process restored from its cache to the processes whose cache did
+    not hold them (interrupted before its first save), so that all of them skip the first batch's
+    all-reduce alike. Set scales are positive and equal in every process: a max over the
+    processes, with zeros where unset, hands them on."""
+    ready = _scales_ready(scales)
+    sides = []
+    for sc in scales.values():
+        if not ready:
+            sc.inv_in = torch.zeros_like(sc.sums[:sc.in_features])
+            sc.inv_out = torch.zeros_like(sc.sums[sc.in_features:-1])
+        sides += [sc.inv_in, sc.inv_out]
+    anyone = torch.full((1,), float(ready), dtype=sides[0].dtype, device=sides[0].device)
+    _all_reduce_sum(sides + [anyone], op=dist.ReduceOp.MAX)
+    if anyone.item() == 0:  # no cache held them: the first batch sets them
+        for sc in scales.values():
+            sc.inv_in = sc.inv_out = None
 
 
 def _sum_over_processes(units: list[_Unit], seen: int, failed: bool, world: int) -> int:
@@ -407,6 +470,7 @@ def _summary(unit: _Unit, s: torch.Tensor) -> str:
 
 def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, *,
                num_batches: int | None = None, init_mode: str | None = None,
+               precondition: str | None = None,
                on_zero_grad: str = "error", niter: int = 4, progress: bool = True,
                svd: str = "sketch", passes: int = 1, oversample: int | None = None,
                cache: str | Path | None = None, cache_every: int = 1) -> dict:
@@ -417,6 +481,11 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
     init mode says (default: config.init_mode; "random" needs no batches). The loss is
     ``loss_fn(model, batch)`` or the model's own ``.loss``. Finally lambda_s = 1, lambda_o = 0
     (and lambda_i = 1).
+
+    ``precondition`` (default: config.precondition): "none" takes the SVD of G, "rms" of
+    D_g^-1 G D_x^-1, each input feature and each output-gradient feature divided by its RMS over
+    the tokens of the first batch (giva_ext.precondition: the step an Adam-style optimiser takes
+    first, no longer dominated by a few outlier features).
 
     svd="sketch" (default) never forms G: each layer keeps the sketches G Omega (out x k) and
     Psi G (k' x in) with k = d + oversample, d the directions the mode uses (2r for VrU2r, else
@@ -443,7 +512,8 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
     gradient with fewer informative directions than the mode uses warns and gets an orthonormal
     completion. Nothing in
     the model changes unless every layer succeeds. Returns {layer name: the singular values of the
-    mean gradient used (2r for VrU2r, else r)}; a fused layer (chunks > 1) maps to a
+    mean gradient used (2r for VrU2r, else r; of the preconditioned one with precondition="rms")};
+    a fused layer (chunks > 1) maps to a
     (chunks, ...) tensor. A per-layer summary (rank used, spectrum decay) is logged at INFO level.
     """
     config = get_config(model)
@@ -454,7 +524,11 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
                                     or num_batches <= 0):
         raise ValueError(f"num_batches must be a positive int (or None for the config's grad_batches), "
                          f"got {num_batches!r}")
+    if precondition is not None and precondition not in PRECONDITIONERS:
+        raise ValueError(f"precondition must be one of {PRECONDITIONERS} (or None for the config's), "
+                         f"got {precondition!r}")
     mode = init_mode or config.init_mode
+    precondition = precondition or config.precondition
     if on_zero_grad not in ("error", "random"):
         raise ValueError(f"on_zero_grad must be 'error' or 'random', got {on_zero_grad!r}")
     if svd not in SVD_METHODS:
@@ -480,10 +554,14 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
         for u in units:
             u.acc = _make_accumulator(u, layers[u.layer], svd, passes, oversample, config.seed,
                                       generator, niter)
+        scales = None
+        if precondition == "rms":
+            scales = {name: FeatureScales(layer.in_features, layer.out_features, layer.base.weight.device)
+                      for name, layer in layers.items()}
         store = None
         if cache is not None:
-            settings = {"svd": svd, "init_mode": mode, "r": config.r, "seed": config.seed,
-                        "passes": passes, "num_batches": count, "oversample": oversample,
+            settings = {"svd": svd, "init_mode": mode, "precondition": precondition, "r": config.r,
+                        "seed": config.seed, "passes": passes, "num_batches": count, "oversample": oversample,
                         "niter": niter, "world_size": world, "rank": rank,
                         "units": {u.name: [type(u.acc).__name__, u.acc.k] for u in units}}
             store = _Cache(cache, settings, layers, rank, world)
@@ -491,7 +569,9 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
         loaded = store.load() if store is not None else None
         if loaded is not None:
             state, tensors = loaded
-            _restore(store.path, units, state, tensors)
+            _restore(store.path, units, state, tensors, scales)
+        if store is not None and scales is not None and world > 1:
+            _share_restored_scales(scales)
         if not state["complete"] and batches is None:
             raise ValueError(f"init mode {mode} needs batches to take the gradient from")
         passes_needed = max(u.acc.passes for u in units)  # dense layers need one
@@ -501,11 +581,16 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
                 seen, failure = 0, None
                 try:
                     seen = _run_pass(model, layers, units, batches, count, loss_fn, p, passes_needed,
-                                     state, store, cache_every, progress and rank == 0)
+                                     state, store, cache_every, progress and rank == 0, scales, world)
                 except Exception as exc:  # noqa: BLE001 - re-raised below, after the other processes know
                     if world == 1:
                         raise
                     failure = exc
+                if scales is not None and not _scales_ready(scales) and world > 1:
+                    # No first batch here (none at all, or a failure before it): the others wait
+                    # for this process's share of the feature statistics.
+                    if _finish_scales(scales, world, failed=failure is not None) and failure is None:
+                        failure = RuntimeError("init_bases failed in another process (see its error)")
                 total = _sum_over_processes([u for u in units if p < u.acc.passes], seen,
                                             failure is not None, world)
                 if failure is not None:
@@ -532,7 +617,7 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
                 else:
                     state["complete"] = True
                 if store is not None:
-                    store.save(state, units)
+                    store.save(state, units, scales)
         zero = set(state["zero"])
         for u in units:
             if u.name in zero:

@@ -147,11 +147,12 @@ def test_save_killed_at_random_points_leaves_an_intact_adapter(tmp_path):
 
 # ---- init_bases resumed from its cache ---------------------------------------------------------------
 
-def init_model(svd: str) -> nn.Module:
+def init_model(svd: str, precondition: str = "none") -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(48, 40), nn.Tanh(), nn.Linear(40, 64))
     mode = "Vr" if svd == "dense" else "VrU2r"  # Vr also draws from the seeded generator after the SVD
-    return g.apply_giva(model, g.GiVAConfig(r=3, target_modules=["0", "2"], grad_batches=4, init_mode=mode))
+    return g.apply_giva(model, g.GiVAConfig(r=3, target_modules=["0", "2"], grad_batches=4, init_mode=mode,
+                                            precondition=precondition))
 
 
 def init_batches():
@@ -167,8 +168,8 @@ def bases(model) -> list[torch.Tensor]:
     return [t.clone() for layer in g.giva_layers(model).values() for t in (layer.A, layer.B)]
 
 
-def run_init(svd: str, passes: int, batches, cache=None) -> tuple[nn.Module, dict]:
-    model = init_model(svd)
+def run_init(svd: str, passes: int, batches, cache=None, precondition="none") -> tuple[nn.Module, dict]:
+    model = init_model(svd, precondition)
     spectra = g.init_bases(model, batches, mse, svd=svd, passes=passes, cache=cache, progress=False)
     return model, spectra
 
@@ -191,13 +192,17 @@ class StopsAt:
             yield batch
 
 
-@pytest.mark.parametrize("svd,passes", [("sketch", 1), ("sketch", 2), ("dense", 1)])
-def test_init_interrupted_at_any_batch_resumes_to_the_same_bases(tmp_path, svd, passes):
+@pytest.mark.parametrize("svd,passes,precondition", [("sketch", 1, "none"), ("sketch", 2, "none"),
+                                                     ("dense", 1, "none"), ("sketch", 2, "rms"),
+                                                     ("dense", 1, "rms")])
+def test_init_interrupted_at_any_batch_resumes_to_the_same_bases(tmp_path, svd, passes, precondition):
+    """The preconditioner's feature scales come from the first batch: a resumed init reads them
+    from the cache (a stop after batch 1 must not take them from the next batch it sees)."""
     data = init_batches()
-    want_model, want_spectra = run_init(svd, passes, data)
+    want_model, want_spectra = run_init(svd, passes, data, precondition=precondition)
     for n in range(1, 4 * passes + 1):
-        cache = tmp_path / f"{svd}{passes}-{n}.safetensors"
-        model = init_model(svd)
+        cache = tmp_path / f"{svd}{passes}{precondition}-{n}.safetensors"
+        model = init_model(svd, precondition)
         untouched = bases(model)
         with pytest.raises(Stop):
             g.init_bases(model, StopsAt(data, n), mse, svd=svd, passes=passes, cache=cache, progress=False)
