@@ -48,7 +48,7 @@ quality: $(VENV)/.installed
 bench-smoke: $(VENV)/.installed
 	mkdir -p $(dir $(SMOKE_OUT))
 	$(BIN)/python bench/quality.py --size quick --seeds 2 --no-progress \
-		--methods head,lora8,vera8,giva8-VrU2r,giva8-VrU2r-input --out $(dir $(SMOKE_OUT))quality
+		--methods head,lora8,vera8,giva8-VrU2r,giva8-VrUr-rms-input --out $(dir $(SMOKE_OUT))quality
 	$(BIN)/python -m pytest bench/ -q --bench-size quick --bench-device cpu --benchmark-disable \
 		--benchmark-json $(SMOKE_OUT).json
 	$(BIN)/python bench/report.py $(SMOKE_OUT).json

@@ -79,6 +79,12 @@ METHODS = {
     "giva8-VrU2r-input": _giva("GiVA r=8 VrU2r + input scale", init_mode="VrU2r", input_scale=True),
     "giva8-VrUr-input": _giva("GiVA r=8 VrUr + input scale", init_mode="VrUr", input_scale=True),
     "random8-input": _giva("random bases r=8 + input scale", init_mode="random", input_scale=True),
+    "giva8-VrU2r-rms": _giva("GiVA r=8 VrU2r, rms", init_mode="VrU2r", precondition="rms"),
+    "giva8-VrUr-rms": _giva("GiVA r=8 VrUr, rms", init_mode="VrUr", precondition="rms"),
+    "giva8-VrU2r-rms-input": _giva("GiVA r=8 VrU2r, rms + input scale", init_mode="VrU2r", precondition="rms",
+                                   input_scale=True),
+    "giva8-VrUr-rms-input": _giva("GiVA r=8 VrUr, rms + input scale", init_mode="VrUr", precondition="rms",
+                                  input_scale=True),
 }
 
 
@@ -320,9 +326,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality",
                    help="output path without suffix: .json, .md and .png are written")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--report", type=Path, metavar="JSON",
-                   help="train nothing: write the markdown and the plot of a stored run's JSON next to it")
+    p.add_argument("--report", type=Path, nargs="+", metavar="JSON",
+                   help="train nothing: write the markdown and the plot of a stored run's JSON next to it; "
+                        "with several runs of the same size and seeds, merge them into --out (a method "
+                        "in several keeps its last run)")
     return p.parse_args(argv)
+
+
+def merge(payloads: list[dict]) -> dict:
+    """One payload from runs of the same size and seed count: every task's methods, in run order."""
+    first = payloads[0]
+    for other in payloads[1:]:
+        if (other["size"], other["seeds"], other["head_lr"]) != (first["size"], first["seeds"], first["head_lr"]):
+            raise SystemExit("quality: --report can merge only runs of the same size, seeds and head lr")
+    merged = {**first, "tasks": {}, "seconds": sum(p["seconds"] for p in payloads),
+              "merged_machines": [p["machine"] for p in payloads]}
+    for payload in payloads:
+        for task, entry in payload["tasks"].items():
+            into = merged["tasks"].setdefault(task, {**entry, "results": []})
+            if entry["size"] != into["size"] or entry["source"] != into["source"]:
+                raise SystemExit(f"quality: --report: the runs used different {task} data or sizes")
+            kept = [r for r in into["results"] if r["method"] not in {n["method"] for n in entry["results"]}]
+            into["results"] = kept + entry["results"]
+    return merged
+
+
+def write_json(payload: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".json.partial")
+    partial.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(partial, out.with_suffix(".json"))
 
 
 def write_report(payload: dict, out: Path) -> str:
@@ -335,7 +368,13 @@ def write_report(payload: dict, out: Path) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report:
-        print(write_report(json.loads(args.report.read_text()), args.report))
+        payloads = [json.loads(path.read_text()) for path in args.report]
+        if len(payloads) == 1:
+            print(write_report(payloads[0], args.report[0]))
+            return 0
+        payload = merge(payloads)
+        write_json(payload, args.out)
+        print(write_report(payload, args.out))
         return 0
     names = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
@@ -367,13 +406,12 @@ def main(argv=None) -> int:
         task = load_task(task_name, size, args.data, tokenizer)
         print(f"{task_name}: {task.source['fit_rows']} train / {task.source['val_rows']} val / "
               f"{task.source['test_rows']} test rows, {size.steps} steps of {size.batch_size}", flush=True)
-        results = [run_method(task, name, METHODS[name], encoder, size, args.seeds, args.head_lr,
-                              not args.no_progress) for name in names]
-        payload["tasks"][task_name] = {"source": task.source, "size": vars(size), "results": results}
-    payload["seconds"] = time.perf_counter() - started
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+        entry = payload["tasks"][task_name] = {"source": task.source, "size": vars(size), "results": []}
+        for name in names:
+            entry["results"].append(run_method(task, name, METHODS[name], encoder, size, args.seeds,
+                                               args.head_lr, not args.no_progress))
+            payload["seconds"] = time.perf_counter() - started
+            write_json(payload, args.out)  # after every method: a long run cut short keeps what it did
     print(write_report(payload, args.out))
     print(f"quality: {payload['seconds']:.0f} s; wrote {args.out}.json, .md, .png")
     return 0
