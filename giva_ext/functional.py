@@ -23,28 +23,35 @@ def _composite(x, weight, bias, A, B, lambda_s, lambda_o, adapter_input):
 class _LinearTrainableA(torch.autograd.Function):
     """The fused layer (native op or reference) with a gradient for A as well: grad A =
     (lambda_s * (g B''))^T x, one more thin product over the tokens, so x (T, in) is saved beside s.
-    An input scale reaches its gradient through A = A0 diag(lambda_i)."""
+    An input scale reaches its gradient through A = A0 diag(lambda_i). s is an output (then
+    dropped), as in the op, so that a double backward reaches x and A through it."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, lambda_s, lambda_o, native: bool):
         forward = torch.ops.giva.linear_forward if native else reference.linear_forward
         y, s = forward(x, weight, bias, A, B, lambda_s, lambda_o)
         ctx.native = native
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, s, weight, A, B, lambda_s, lambda_o)
-        return y
+        return y, s
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, grad_s):
         x, s, weight, A, B, lambda_s, lambda_o = ctx.saved_tensors
         need_x, need_a, need_s, need_o = (ctx.needs_input_grad[i] for i in (0, 3, 5, 6))
-        backward = torch.ops.giva.linear_backward if ctx.native else reference.linear_backward
-        grad_x, grad_s, grad_o = backward(grad_y, s, weight, A, B, lambda_s, lambda_o,
-                                          [need_x, need_s, need_o])
+        # With create_graph the backward itself must be differentiable: the reference's torch ops.
+        native = ctx.native and not torch.is_grad_enabled()
+        backward = torch.ops.giva.linear_backward if native else reference.linear_backward
+        grad_x, grad_s_vector, grad_o = reference.linear_backward_through_s(
+            grad_y, grad_s, s, weight, A, B, lambda_s, lambda_o, (need_x, need_s, need_o), backward)
         grad_a = None
-        if need_a:
+        if need_a and grad_y is not None:
             scaled = (grad_y @ (B * lambda_o.to(B.dtype)[:, None])) * lambda_s.to(B.dtype)
             grad_a = scaled.t() @ x
-        return grad_x, None, None, grad_a, None, grad_s, grad_o, None
+        if need_a and grad_s is not None:  # s = x A^T
+            through_s = grad_s.t() @ x
+            grad_a = through_s if grad_a is None else grad_a + through_s
+        return grad_x, None, None, grad_a, None, grad_s_vector, grad_o, None
 
 
 def giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, dropout: float = 0.0, training: bool = False,
@@ -92,7 +99,7 @@ def giva_linear(x, weight, bias, A, B, lambda_s, lambda_o, dropout: float = 0.0,
         adapter_input = F.dropout(x2, dropout, training=True) if use_dropout else x2
         y = _composite(x2, weight, bias, A, B, lambda_s, lambda_o, adapter_input)
     elif torch.is_grad_enabled() and A.requires_grad:
-        y = _LinearTrainableA.apply(x2, weight, bias, A, B, lambda_s, lambda_o, ops.supports(x2))
+        y = _LinearTrainableA.apply(x2, weight, bias, A, B, lambda_s, lambda_o, ops.supports(x2))[0]
     elif ops.supports(x2):
         y = ops.linear(x2, weight, bias, A, B, lambda_s, lambda_o)
     else:

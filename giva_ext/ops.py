@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from . import buildinfo
+from . import buildinfo, reference
 
 
 def _load() -> tuple[dict | None, str | None]:
@@ -126,17 +126,18 @@ if HAS_NATIVE:
 
     def _setup_context(ctx, inputs, output):
         _, weight, _, A, B, lambda_s, lambda_o = inputs
-        s = output[1]
-        ctx.mark_non_differentiable(s)  # s is the saved activation, not a result to train through
-        ctx.save_for_backward(s, weight, A, B, lambda_s, lambda_o)
+        # s (the saved activation) stays differentiable, so that a double backward, whose graph
+        # holds s, reaches x; its gradient is None unless such a backward needs it.
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(output[1], weight, A, B, lambda_s, lambda_o)
 
-    def _backward(ctx, grad_y, _grad_s):
-        need_x, need_s, need_o = (ctx.needs_input_grad[i] for i in (0, 5, 6))
-        grad_x = grad_s = grad_o = None
-        if need_x or need_s or need_o:
-            grad_x, grad_s, grad_o = torch.ops.giva.linear_backward(
-                grad_y, *ctx.saved_tensors, [need_x, need_s, need_o])
-        return grad_x, None, None, None, None, grad_s, grad_o
+    def _backward(ctx, grad_y, grad_s):
+        mask = tuple(ctx.needs_input_grad[i] for i in (0, 5, 6))
+        # With create_graph the backward itself must be differentiable: the reference's torch ops.
+        backward = reference.linear_backward if torch.is_grad_enabled() else torch.ops.giva.linear_backward
+        grad_x, grad_ls, grad_lo = reference.linear_backward_through_s(
+            grad_y, grad_s, *ctx.saved_tensors, mask, backward=backward)
+        return grad_x, None, None, None, None, grad_ls, grad_lo
 
     torch.library.register_autograd("giva::linear_forward", _backward, setup_context=_setup_context)
 

@@ -66,26 +66,45 @@ def delta_weight(A, B, lambda_s, lambda_o):
     return (B * lambda_o[:, None]) @ (A * lambda_s[:, None])
 
 
+def linear_backward_through_s(grad_y, grad_s, s, weight, A, B, lambda_s, lambda_o, output_mask,
+                              backward=linear_backward):
+    """The backward of (y, s) = linear_forward(...), where s is an output saved for backward:
+    (grad_x, grad_lambda_s, grad_lambda_o). grad_y goes through ``backward`` (linear_backward or
+    the native op). grad_s, s's own gradient, is not None only in a double backward that
+    differentiates through the saved s (create_graph: the first backward's graph holds s, so its
+    dependence on x must reach x too): it adds grad_s A to grad x. Either gradient may be None."""
+    grad_x = grad_lambda_s = grad_lambda_o = None
+    if grad_y is not None and any(output_mask):
+        grad_x, grad_lambda_s, grad_lambda_o = backward(grad_y, s, weight, A, B, lambda_s, lambda_o,
+                                                        list(output_mask))
+    if grad_s is not None and output_mask[0]:
+        through_s = grad_s @ A.to(grad_s.dtype)
+        grad_x = through_s if grad_x is None else grad_x + through_s
+    return grad_x, grad_lambda_s, grad_lambda_o
+
+
 class _ReferenceLinear(torch.autograd.Function):
-    """Autograd around the reference: saves only s beside the frozen tensors, like the native op."""
+    """Autograd around the reference: saves only s beside the frozen tensors, like the native op.
+    s is an output (then dropped), so that a double backward, whose graph holds s, reaches x."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, lambda_s, lambda_o):
         y, s = linear_forward(x, weight, bias, A, B, lambda_s, lambda_o)
+        ctx.set_materialize_grads(False)  # s's gradient stays None unless a double backward needs it
         ctx.save_for_backward(s, weight, A, B, lambda_s, lambda_o)
-        return y
+        return y, s
 
     @staticmethod
-    def backward(ctx, grad_y):
-        s, weight, A, B, lambda_s, lambda_o = ctx.saved_tensors
+    def backward(ctx, grad_y, grad_s):
         mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[5], ctx.needs_input_grad[6])
-        grad_x, grad_s, grad_o = linear_backward(grad_y, s, weight, A, B, lambda_s, lambda_o, mask)
-        return grad_x, None, None, None, None, grad_s, grad_o
+        grad_x, grad_ls, grad_lo = linear_backward_through_s(grad_y, grad_s, *ctx.saved_tensors, mask)
+        return grad_x, None, None, None, None, grad_ls, grad_lo
 
 
 def linear(x, weight, bias, A, B, lambda_s, lambda_o):
-    """Differentiable reference layer on 2-D x; gradients flow to x, lambda_s and lambda_o only."""
-    return _ReferenceLinear.apply(x, weight, bias, A, B, lambda_s, lambda_o)
+    """Differentiable reference layer on 2-D x; gradients flow to x, lambda_s and lambda_o only
+    (to any order: the backward is made of differentiable torch ops)."""
+    return _ReferenceLinear.apply(x, weight, bias, A, B, lambda_s, lambda_o)[0]
 
 
 # ---- gradient sketch and randomized SVD (DESIGN.md §2 "Gradient sketch") ----------------------------
