@@ -43,36 +43,37 @@ def weight_digests(weight: torch.Tensor, cast: bool = False) -> dict[str, str]:
     float32 weight, "sha256_bfloat16" / "sha256_float16" of its bytes cast to those dtypes (what a
     float32 base is commonly cast to for serving).
 
-    Cached on the tensor until it changes in place (its version counter) or gets other storage.
-    GiVALinear.unmerge() puts back the digests from before merge(), so the rounding of a
-    merge/unmerge round trip (W + dW - dW differs from W in the last bit) does not make the layer
-    look like another base model."""
-    key = _version_key(weight)
-    cached = getattr(weight, "_giva_digests", None)
-    digests = dict(cached[1]) if key is not None and cached is not None and cached[0] == key else {}
+    The weight's bytes are hashed at every call: nothing certifies bytes it has not hashed (a
+    write through ``weight.data`` changes neither the version counter nor the storage, so no
+    cheaper test proves a weight unchanged). What depends only on those bytes is remembered on
+    the tensor under their SHA-256: the cast digests, and the digests from before merge() that
+    GiVALinear.unmerge() leaves for the unmerged bytes, so that the rounding of a merge/unmerge
+    round trip (W + dW - dW differs from W in the last bit) does not make the layer look like
+    another base model."""
     w = weight.detach()
-    wanted = [(None, "sha256")]
+    sha = _sha256(w)
+    remembered = getattr(weight, "_giva_digests", None)
+    digests = dict(remembered[1]) if remembered is not None and remembered[0] == sha else {"sha256": sha}
+    wanted = ["sha256"]
     if cast and w.dtype == torch.float32:
-        wanted += [(d, f"sha256_{str(d).removeprefix('torch.')}") for d in HALF_DTYPES]
-    for dtype, name in wanted:
-        if name not in digests:
-            digests[name] = _sha256(w if dtype is None else w.to(dtype))
-    if key is not None:
-        weight._giva_digests = (key, dict(digests))
-    return {name: digests[name] for _, name in wanted}
+        for dtype in HALF_DTYPES:
+            name = f"sha256_{str(dtype).removeprefix('torch.')}"
+            wanted.append(name)
+            if name not in digests:
+                digests[name] = _sha256(w.to(dtype))
+    _remember_digests(weight, sha, digests)
+    return {name: digests[name] for name in wanted}
+
+
+def _remember_digests(weight: torch.Tensor, sha: str, digests: dict[str, str]) -> None:
+    try:
+        weight._giva_digests = (sha, dict(digests))
+    except RuntimeError:  # an inference tensor takes no attributes: nothing is remembered
+        pass
 
 
 def _sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
-
-
-def _version_key(t: torch.Tensor) -> tuple[int, int] | None:
-    """(version counter, storage address): changes whenever the tensor's values may have changed.
-    None for inference tensors, which keep no version counter."""
-    try:
-        return t._version, t.data_ptr()
-    except RuntimeError:
-        return None
 
 
 def block_bases(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,6 +211,7 @@ class GiVALinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.merged = False
         self._premerge_digests: dict | None = None  # weight_digests of the base before merge()
+        self._merged_factors: tuple | None = None  # copies of what merge() folded in
         self.adapters = nn.ModuleDict({adapter_name: first})
         self.active_adapter: str | None = adapter_name
         # Per-row adapter choice of a mixed batch (set by giva_ext.mixed_adapters): the model's row
@@ -332,37 +334,48 @@ class GiVALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """diag(lambda_o) B diag(lambda_s) A diag(lambda_i) as (out, in) in the weight's dtype,
         computed in fp32 (float64 for a float64 weight)."""
+        return self._delta_of(self._factors())
+
+    def _factors(self) -> tuple:
+        return tuple(None if t is None else t.detach()
+                     for t in (self.A, self.B, self.lambda_s, self.lambda_o, self.lambda_i))
+
+    def _delta_of(self, factors: tuple) -> torch.Tensor:
         acc = torch.promote_types(self.base.weight.dtype, torch.float32)
-        factors = [t.detach().to(acc) for t in (self.A, self.B, self.lambda_s, self.lambda_o)]
-        delta = reference.delta_weight(*factors)
-        if self.lambda_i is not None:
-            delta = delta * self.lambda_i.detach().to(acc)
+        *factors, lambda_i = factors
+        delta = reference.delta_weight(*(t.to(acc) for t in factors))
+        if lambda_i is not None:
+            delta = delta * lambda_i.to(acc)
         return delta.to(self.base.weight.dtype)
 
     def merge(self, keep_fingerprint: bool = True) -> None:
         """Fold the active adapter into base.weight; forward then runs the plain base layer.
-        keep_fingerprint: remember the base weight's fingerprint (weight_digests) for unmerge();
-        merge_and_unload, which never unmerges, skips hashing the weight."""
+        The adapter's tensors are copied (r * (in + out) + in + out values), so that unmerge()
+        subtracts exactly what was added even if they are changed while merged (such changes take
+        effect after unmerge). keep_fingerprint: remember the base weight's fingerprint
+        (weight_digests) for unmerge(); merge_and_unload, which never unmerges, skips hashing."""
         if self.merged:
             raise RuntimeError("layer is already merged")
-        delta = self.delta_weight()
+        factors = tuple(None if t is None else t.clone() for t in self._factors())
+        delta = self._delta_of(factors)
         self._premerge_digests = (weight_digests(self.base.weight, cast=True) if keep_fingerprint
                                   else None)
         with torch.no_grad():
             self.weight_out_in().add_(delta)  # in place through the view
+        self._merged_factors = factors
         self.merged = True
 
     def unmerge(self) -> None:
-        """Undo merge: exact up to the weight dtype's rounding, and the weight keeps the fingerprint
-        it had before merge() (see weight_digests)."""
+        """Undo merge: subtracts the update merge() added (from its copies of the adapter's
+        tensors), so W is back up to the weight dtype's rounding, and the weight keeps the
+        fingerprint it had before merge() (see weight_digests)."""
         if not self.merged:
             raise RuntimeError("layer is not merged")
         with torch.no_grad():
-            self.weight_out_in().sub_(self.delta_weight())
-        key = _version_key(self.base.weight)
-        if key is not None and self._premerge_digests is not None:
-            self.base.weight._giva_digests = (key, self._premerge_digests)
-        self._premerge_digests = None
+            self.weight_out_in().sub_(self._delta_of(self._merged_factors))
+        if self._premerge_digests is not None:
+            _remember_digests(self.base.weight, _sha256(self.base.weight.detach()), self._premerge_digests)
+        self._premerge_digests = self._merged_factors = None
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -219,3 +219,29 @@ def test_functional_matches_layer():
     x = torch.randn(2, 4, 10)
     y = giva_linear(x, layer.base.weight, layer.base.bias, layer.A, layer.B, layer.lambda_s, layer.lambda_o)
     torch.testing.assert_close(y, explicit(layer, x))
+
+
+@pytest.mark.parametrize("edit", ["scale", "reset", "optimizer"])
+def test_unmerge_restores_the_weight_after_edits_while_merged(edit):
+    """unmerge subtracts what merge added, whatever happened to the vectors in between; the edited
+    vectors take effect afterwards."""
+    torch.manual_seed(7)
+    layer = GiVALinear(24, 18, r=4, input_scale=True)
+    randomize_vectors(layer)
+    before_w = layer.base.weight.detach().clone()
+    layer.merge()
+    if edit == "scale":
+        with torch.no_grad():
+            layer.lambda_o.mul_(3)
+    elif edit == "reset":
+        layer.reset_vectors()
+    else:  # a step on stale gradients kept by zero_grad(set_to_none=False)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        torch.optim.SGD(params, lr=0.5).step()
+    layer.unmerge()
+    torch.testing.assert_close(layer.base.weight, before_w, rtol=0, atol=1e-6)
+    x = torch.randn(5, 24)
+    want = x @ (before_w + layer.delta_weight()).t() + layer.base.bias
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)

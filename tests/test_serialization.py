@@ -208,3 +208,20 @@ def test_interrupted_save_keeps_previous_adapter(tmp_path):
     assert leftovers, "the killed save should have left its temporary file behind"
     loaded = g.load_adapter(fresh_base(), tmp_path)
     assert torch.equal(loaded(ids), y)
+
+
+def test_a_write_through_data_is_never_certified(tmp_path):
+    """weight.data.copy_ changes neither the version counter nor the storage: the fingerprint must
+    still be of the bytes as they are now, at save and at load."""
+    other = fresh_base(seed=1).get_submodule("blocks.1.value").weight
+    model = adapted()
+    g.save_adapter(model, tmp_path / "first")  # hashes (and remembers) the pretrained bytes
+    model.blocks[1].value.base.weight.data.copy_(other)
+    g.save_adapter(model, tmp_path / "second")  # must record the changed bytes
+    with pytest.raises(ValueError, match="layer 'blocks.1.value' has sha256"):
+        g.load_adapter(fresh_base(), tmp_path / "second")
+
+    target = g.load_adapter(fresh_base(), tmp_path / "first")  # hashes the target's bytes
+    target.blocks[1].value.base.weight.data.copy_(other)
+    with pytest.raises(ValueError, match="layer 'blocks.1.value' has sha256"):
+        g.load_adapter(target, tmp_path / "first")
