@@ -13,6 +13,7 @@ anything fails (an exception or a KeyboardInterrupt).
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -140,8 +141,10 @@ def _base_weight(module: nn.Module) -> torch.Tensor:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``: a reader (or
-    a process killed at any point) sees the old file or the new one, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    a process killed at any point) sees the old file or the new one, never a part. The temporary
+    file's name holds the writer's pid, so that a later write removes what a killed one left."""
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -156,6 +159,29 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of writes of ``path`` whose process is gone (killed before its
+    rename): .<name>.<pid>.<random>.tmp with no process <pid> on this machine. A write in progress
+    elsewhere keeps its file; so does any name this function did not make."""
+    if os.name != "posix":  # os.kill(pid, 0) only probes on POSIX
+        return
+    prefix = f".{path.name}."
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and int(pid) > 0 and not _process_exists(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _adapter_config(model: nn.Module, adapter_name: str | None) -> tuple[str | None, GiVAConfig]:

@@ -119,11 +119,13 @@ def test_save_killed_at_random_points_leaves_an_intact_adapter(tmp_path):
         for i in range(30):
             # Even rounds: a kill inside a write (of either file); odd rounds: a kill at any time.
             chunks = rng.randrange(timing["chunks"]) if i % 2 == 0 else -1
-            tmp_before = len(list(folder.glob(".*.tmp")))
+            tmp_before = set(folder.glob(".*.tmp"))
             worker.stdin.write(f"{1 - current} {rng.uniform(0, 4 * timing['seconds']):.6f} {chunks}\n")
             worker.stdin.flush()
             finished = json.loads(worker.stdout.readline())["finished"]
-            mid_write += len(list(folder.glob(".*.tmp"))) > tmp_before
+            tmp_after = set(folder.glob(".*.tmp"))
+            mid_write += bool(tmp_after - tmp_before)
+            assert len(tmp_after) <= 1, "each save removes what the killed ones before it left"
             data = (folder / WEIGHTS_NAME).read_bytes()
             assert data in (versions[0][0], versions[1][0]), "the adapter file is neither version"
             assert (folder / CONFIG_NAME).read_text() in (versions[0][1], versions[1][1])
@@ -143,6 +145,8 @@ def test_save_killed_at_random_points_leaves_an_intact_adapter(tmp_path):
         worker.wait(timeout=60)
     # Every even round died inside a write; some rounds got as far as replacing the adapter.
     assert mid_write >= 15 and switched >= 3, (mid_write, switched)
+    g.save_adapter(adapter_version(0), folder)
+    assert not list(folder.glob(".*.tmp")), "a save removes the temporary files of killed saves"
 
 
 # ---- init_bases resumed from its cache ---------------------------------------------------------------

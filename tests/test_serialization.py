@@ -225,3 +225,21 @@ def test_a_write_through_data_is_never_certified(tmp_path):
     target.blocks[1].value.base.weight.data.copy_(other)
     with pytest.raises(ValueError, match="layer 'blocks.1.value' has sha256"):
         g.load_adapter(target, tmp_path / "first")
+
+
+def test_a_save_removes_only_the_temporary_files_of_dead_writers(tmp_path):
+    """Temporary files are named .<file>.<pid>.<random>.tmp; a save removes those whose process is
+    gone and keeps a live writer's and every other name."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    tmp_path.mkdir(exist_ok=True)
+    left = tmp_path / f".{WEIGHTS_NAME}.{dead_pid}.abc123.tmp"
+    live = tmp_path / f".{WEIGHTS_NAME}.{os.getpid()}.def456.tmp"
+    foreign = [tmp_path / f".{WEIGHTS_NAME}.notapid.tmp", tmp_path / f".other.{dead_pid}.x.tmp"]
+    for path in (left, live, *foreign):
+        path.write_bytes(b"partial")
+    g.save_adapter(adapted(), tmp_path)
+    assert not left.exists()
+    assert live.exists() and all(path.exists() for path in foreign)
+    assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == sorted(p.name for p in (live, *foreign))
