@@ -158,11 +158,20 @@ class UnknownAdapterError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+# Names an nn.ModuleDict cannot take as keys: its own attributes ("forward", "keys", "training", ...).
+_MODULE_DICT_ATTRIBUTES = frozenset(dir(nn.ModuleDict()))
+
+
 def check_adapter_name(name) -> None:
-    """Adapter names key module dicts and file folders: a non-empty str without '.', '/' or '\\'."""
-    if not isinstance(name, str) or not name or any(c in name for c in "./\\") or name != name.strip():
-        raise ValueError(f"adapter name must be a non-empty str without '.', '/', '\\' or surrounding "
-                         f"spaces, got {name!r}")
+    """Adapter names key module dicts and file folders: a non-empty str without '.', '/', '\\',
+    control characters (NUL included) or surrounding spaces, and not an attribute of nn.ModuleDict."""
+    if (not isinstance(name, str) or not name or any(c in name for c in "./\\") or name != name.strip()
+            or any(ord(c) < 32 or ord(c) == 127 for c in name)):
+        raise ValueError(f"adapter name must be a non-empty str without '.', '/', '\\', control "
+                         f"characters or surrounding spaces, got {name!r}")
+    if name in _MODULE_DICT_ATTRIBUTES:
+        raise ValueError(f"adapter name {name!r} is taken: the layers keep their adapters in an "
+                         "nn.ModuleDict, whose own attributes (forward, keys, training, ...) cannot be keys")
 
 
 class GiVALinear(nn.Module):

@@ -201,6 +201,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     Refuses (ValueError naming the tensor, before writing anything) a tensor holding NaN or Inf,
     e.g. after a diverged step, so a previous good adapter in ``path`` is never overwritten by it.
     """
+    return _write_adapter(Path(path), *_adapter_files(model, adapter_name, path))
+
+
+def _adapter_files(model: nn.Module, adapter_name: str | None, path) -> tuple[bytes, str]:
+    """The two files of an adapter (safetensors bytes, config text), every check done."""
     adapter_name, config = _adapter_config(model, adapter_name)
     layers = giva_layers(model, adapter_name)
     check_unmerged(wrapped_layers(model), "saving (the fingerprint must describe the pretrained weights)")
@@ -219,8 +224,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     header = {"library": "giva_ext", "version": __version__, "format": FORMAT_VERSION,
               "config": config.to_dict(),
               "fingerprint": [weight_fingerprint(n, layer.base.weight, cast=True) for n, layer in layers.items()]}
-    data, text = pack(tensors, METADATA_KEY, header)
-    folder = Path(path)
+    return pack(tensors, METADATA_KEY, header)
+
+
+def _write_adapter(folder: Path, data: bytes, text: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / WEIGHTS_NAME, data)
     _atomic_write(folder / CONFIG_NAME, (text + "\n").encode())
@@ -442,8 +449,9 @@ def save_adapters(model: nn.Module, folder: str | os.PathLike) -> Path:
     names = adapter_names(model)
     if not names:
         raise ValueError("model has no GiVA adapter; call apply_giva(model, config) first")
-    for name in names:
-        save_adapter(model, folder / name, name)
+    files = {name: _adapter_files(model, name, folder / name) for name in names}  # every check first
+    for name, (data, text) in files.items():
+        _write_adapter(folder / name, data, text)
     index = {"library": "giva_ext", "adapters": names, "active": active_adapter(model)}
     _atomic_write(folder / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
     return folder

@@ -157,6 +157,30 @@ def test_bad_names_are_refused_before_any_change(three):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("name", ["forward", "keys", "pop", "update", "training", "a\0b", "tab\there"])
+def test_names_a_module_dict_or_a_folder_cannot_take_are_refused_up_front(name):
+    """Before: apply_giva raised a raw KeyError from the ModuleDict with every parameter frozen."""
+    model = Net()
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="adapter name"):
+        g.apply_giva(model, g.GiVAConfig(r=2), adapter_name=name)
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
+    assert not g.giva_layers(model)
+    g.apply_giva(model, g.GiVAConfig(r=2))
+    with pytest.raises(ValueError, match="adapter name"):
+        g.add_adapter(model, name, g.GiVAConfig(r=2))
+    assert g.adapter_names(model) == ["default"]
+
+
+def test_save_adapters_checks_every_adapter_before_writing_any(three, tmp_path):
+    _, model = three
+    with torch.no_grad():
+        next(iter(g.giva_layers(model, "wide").values())).adapters["wide"].lambda_o[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        g.save_adapters(model, tmp_path / "all")
+    assert not (tmp_path / "all").exists()
+
+
 # ---- mixed-adapter batches
 
 def per_adapter_oracle(model, rows, ids):
