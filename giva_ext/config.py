@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
+
+try:  # the parser behind re.compile: public as sre_parse before Python 3.11
+    from re import _parser as _regex_parser
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _regex_parser
 from dataclasses import dataclass, field
 
 from .precondition import PRECONDITIONERS
@@ -106,8 +112,77 @@ class GiVAConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GiVAConfig":
+        """The config a file holds. A target_modules regex from a file is refused if it can
+        backtrack exponentially (check_regex_from_file): it is matched against every module name."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown GiVAConfig fields {unknown}")
-        return cls(**data)
+        config = cls(**data)
+        if isinstance(config.target_modules, str) and config.target_modules != "all-linear":
+            check_regex_from_file(config.target_modules)
+        return config
+
+
+_REPEATS = {_regex_parser.MAX_REPEAT, _regex_parser.MIN_REPEAT}
+_REPEATS |= {getattr(_regex_parser, "POSSESSIVE_REPEAT", _regex_parser.MAX_REPEAT)}
+
+
+# A target_modules regex from a file may hold at most this many repeats (.*, \\d+, x{2,}).
+MAX_REGEX_REPEATS = 4
+
+
+def _count_repeats(items) -> int:
+    count = 0
+    for op, arg in items:
+        if op in _REPEATS:
+            count += (arg[1] is _regex_parser.MAXREPEAT or arg[1] > 1) + _count_repeats(arg[2])
+        elif op is _regex_parser.BRANCH:
+            count += sum(_count_repeats(branch) for branch in arg[1])
+        elif op is _regex_parser.SUBPATTERN:
+            count += _count_repeats(arg[-1])
+        elif op in (_regex_parser.ASSERT, _regex_parser.ASSERT_NOT):
+            count += _count_repeats(arg[1])
+    return count
+
+
+def check_regex_from_file(pattern: str) -> None:
+    """ValueError for a regex that repeats something which itself repeats or alternates, e.g.
+    (a+)+ or (.|.)*: Python's re backtracks through such patterns in time exponential in the
+    length of the name (seconds at 26 characters). Patterns users write for target_modules, like
+    .*\\.(q|v)_proj, have no such nesting; the few that do can be written as a list of names."""
+    try:
+        parsed = _regex_parser.parse(pattern)
+    except (re.error, RecursionError) as exc:
+        raise ValueError(f"target_modules regex {pattern!r} is invalid: {exc}") from exc
+
+    def nested(items, inside_repeat: bool) -> str | None:
+        for op, arg in items:
+            if op in _REPEATS:
+                low, high, body = arg
+                repeats = high is _regex_parser.MAXREPEAT or high > 1
+                if repeats and inside_repeat:
+                    return "a repeat inside a repeat"
+                found = nested(body, inside_repeat or repeats)
+            elif op is _regex_parser.BRANCH:
+                if inside_repeat:
+                    return "an alternation inside a repeat"
+                found = next((f for branch in arg[1] if (f := nested(branch, inside_repeat))), None)
+            elif op is _regex_parser.SUBPATTERN:
+                found = nested(arg[-1], inside_repeat)
+            elif op in (_regex_parser.ASSERT, _regex_parser.ASSERT_NOT):
+                found = nested(arg[1], inside_repeat)
+            else:
+                found = None
+            if found:
+                return found
+        return None
+
+    problem = nested(parsed, False)
+    if not problem and _count_repeats(parsed) > MAX_REGEX_REPEATS:
+        problem = f"more than {MAX_REGEX_REPEATS} repeats"
+    if problem:
+        raise ValueError(f"target_modules regex {pattern!r}, read from a file, has {problem}: matching it "
+                         "against a module name can take time exponential in (or a high power of) the "
+                         "name's length (catastrophic backtracking), so it is refused; save the adapter "
+                         "with a simpler pattern or a list of names")

@@ -30,7 +30,8 @@ from .layer import GiVALinear, block_bases, random_orthonormal
 from .model import check_unmerged, get_config, giva_layers
 from .precondition import PRECONDITIONERS, FeatureScales
 from .rsvd import GradientSketch, randomized_svd
-from .serialization import _atomic_write, check_fingerprint_schema, pack, unpack, weight_fingerprint
+from .serialization import (_atomic_write, check_fingerprint_schema, pack, read_regular_file, unpack,
+                            weight_fingerprint)
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ class _Cache:
         if not self.path.exists():
             return None
         try:
-            _, header, tensors, verified = unpack(self.path.read_bytes(), CACHE_KEY)
+            _, header, tensors, verified = unpack(read_regular_file(self.path), CACHE_KEY)
             if header.get("format") != CACHE_FORMAT:
                 raise ValueError(f"it has format {header.get('format')!r}, this version reads "
                                  f"{CACHE_FORMAT}")

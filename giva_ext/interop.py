@@ -21,14 +21,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from .config import GiVAConfig
 from .layer import linear_shape
 from .model import _modules_to_save, apply_giva, check_unmerged, find_targets, get_config, giva_layers
-from .serialization import CONFIG_NAME, WEIGHTS_NAME, _atomic_write, check_finite_tensors
+from .serialization import (CONFIG_NAME, WEIGHTS_NAME, _atomic_write, check_finite_tensors, json_loads,
+                            read_regular_file)
 
 # PeftModel wraps the tuner (base_model) around the user's model (model); saved keys keep both.
 PEFT_PREFIX = "base_model.model."
@@ -100,8 +101,8 @@ def _read_vera(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise FileNotFoundError(f"no {file.name} in {folder} (import_vera reads a PEFT VeRA "
                                     "adapter saved with save_pretrained)")
     try:
-        vera = json.loads(config_file.read_text())
-        tensors = load_file(weights_file)
+        vera = json_loads(read_regular_file(config_file))
+        tensors = load_safetensors_bytes(read_regular_file(weights_file))
     except (ValueError, SafetensorError) as exc:
         raise ValueError(f"{folder} is not a readable PEFT adapter: {exc}") from exc
     kind = vera.get("peft_type") if isinstance(vera, dict) else None

@@ -17,6 +17,7 @@ import glob
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -91,6 +92,30 @@ def pack(tensors: dict[str, torch.Tensor], key: str, header: dict) -> tuple[byte
     return save_safetensors_bytes(tensors, metadata={key: text}), text
 
 
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file. A FIFO, device or socket is refused with a
+    ValueError instead of blocking or reading without end (opened non-blocking, then checked on
+    the open descriptor, so a file swapped in between is caught too)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{path} is not a regular file (mode {stat.filemode(mode)}); refusing to read it")
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def json_loads(text):
+    """json.loads, with JSON nested too deeply for the parser refused as a ValueError (like any
+    other bad JSON) instead of a RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError as exc:
+        raise ValueError("the JSON is nested too deeply") from exc
+
+
 def unpack(data: bytes, key: str) -> tuple[str, dict, dict[str, torch.Tensor], bool]:
     """(header text, header without its checksum record, tensors, verified) from pack's bytes:
     ``verified`` says whether a checksum record was there (and matched). ValueError saying what is
@@ -98,14 +123,14 @@ def unpack(data: bytes, key: str) -> tuple[str, dict, dict[str, torch.Tensor], b
     try:
         tensors = load_safetensors_bytes(data)  # checks the layout of the whole file
         header_size = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8:8 + header_size]).get("__metadata__") or {}
+        metadata = json_loads(data[8:8 + header_size]).get("__metadata__") or {}
     except (SafetensorError, ValueError) as exc:
         raise ValueError(f"not a readable safetensors file (truncated or damaged?): {exc}") from exc
     if key not in metadata:
         raise ValueError(f"not a giva_ext file (no '{key}' metadata)")
     text = metadata[key]
     try:
-        header = json.loads(text)
+        header = json_loads(text)
     except ValueError as exc:
         raise ValueError(f"its header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
@@ -252,9 +277,9 @@ def _check_header(header: dict) -> dict:
 
 def _read_adapter(file: Path) -> tuple[dict, str, dict[str, torch.Tensor]]:
     """Header, header text and tensors of a saved adapter, all checked (ValueError otherwise)."""
-    if not file.is_file():
+    if not file.exists():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {file.parent}")
-    text, header, tensors, verified = unpack(file.read_bytes(), METADATA_KEY)
+    text, header, tensors, verified = unpack(read_regular_file(file), METADATA_KEY)
     header = _check_header(header)
     if not verified and header["format"] >= 2:
         raise ValueError(f"its checksum record is missing (format {header['format']} has one)")
@@ -278,8 +303,8 @@ def _check_config_file(file: Path, text: str) -> None:
     if not file.exists():
         return
     try:
-        differs = _first_difference(json.loads(file.read_text()), json.loads(text))
-    except (ValueError, OSError) as exc:
+        differs = _first_difference(json_loads(read_regular_file(file)), json_loads(text))
+    except (ValueError, OSError, RecursionError) as exc:
         differs = f"unreadable: {exc}"
     if differs is not None:
         warnings.warn(f"{file} does not match {WEIGHTS_NAME} ({differs}); it is ignored: the adapter "
@@ -463,7 +488,7 @@ def load_adapters(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     folder = Path(folder)
     file = folder / INDEX_NAME
     try:
-        index = json.loads(file.read_text())
+        index = json_loads(read_regular_file(file))
         names, active = index["adapters"], index["active"]
         if not isinstance(names, list) or not names or (active is not None and active not in names):
             raise ValueError(f"adapters {names!r} with active {active!r}")

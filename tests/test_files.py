@@ -80,6 +80,7 @@ def saved(tmp_path_factory):
 
 def copy_of(saved, tmp_path, data=None, config=None):
     folder, original, config_text, *_ = saved
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / WEIGHTS_NAME).write_bytes(original if data is None else data)
     (tmp_path / CONFIG_NAME).write_text(config_text if config is None else config)
     return tmp_path
@@ -424,3 +425,92 @@ def test_cache_of_another_model_or_settings_or_format_is_refused(cache_file, tmp
         cache_refused(model, batches, cache, match=match)
     cache.write_bytes(save_bytes(tensors, metadata={"giva_init_cache": json.dumps(header)}))
     cache_refused(model, batches, cache, match="checksum record is missing")
+
+
+# ---- deeply nested JSON, special files, regexes that backtrack (each refused or warned, in time)
+
+NESTED = "[" * 100000 + "]" * 100000
+
+
+def test_deeply_nested_json_is_refused_or_warned_not_a_recursion_error(saved, tmp_path):
+    _, original, _, ids, outputs = saved
+    # In adapter_config.json (only compared with the header): a warning, and the adapter loads.
+    folder = copy_of(saved, tmp_path / "config", config=NESTED)
+    with pytest.warns(RuntimeWarning, match="nested too deeply"):
+        model = g.load_adapter(fresh_base(), folder)
+    assert torch.equal(model(ids), outputs)
+    # As the header text in the safetensors metadata: a ValueError naming the file, model unchanged.
+    tensors = header_of(original)[1]
+    refused(copy_of(saved, tmp_path / "header", data=save_bytes(tensors, metadata={METADATA_KEY: NESTED})),
+            match="nested too deeply")
+    # As adapters.json.
+    index = tmp_path / "index"
+    g.save_adapters(adapted(), index)
+    (index / ser.INDEX_NAME).write_text(NESTED)
+    model = fresh_base()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="adapters.json.*nested too deeply"):
+        g.load_adapters(model, index)
+    assert_unchanged(model, before)
+
+
+def load_in_time(fifo, load):
+    """Run ``load``; fail instead of hanging if it blocks opening ``fifo`` (a writer unblocks it)."""
+    import threading
+
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=_outcome(load)), daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():
+        with open(fifo, "w"):  # let the blocked open return, so the thread ends
+            pass
+        pytest.fail(f"loading blocked on the FIFO {fifo}")
+    return outcome["result"]
+
+
+def _outcome(load):
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            return load(), [str(w.message) for w in caught]
+    except Exception as exc:  # noqa: BLE001 - the test looks at what it was
+        return exc, []
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("which", [CONFIG_NAME, WEIGHTS_NAME, "adapters.json"])
+def test_a_fifo_in_place_of_a_file_is_refused_without_blocking(saved, tmp_path, which):
+    import os
+
+    _, _, _, ids, outputs = saved
+    if which == "adapters.json":
+        folder = tmp_path / "all"
+        g.save_adapters(adapted(), folder)
+        load = lambda: g.load_adapters(fresh_base(), folder)  # noqa: E731
+    else:
+        folder = copy_of(saved, tmp_path)
+        load = lambda: g.load_adapter(fresh_base(), folder)  # noqa: E731
+    (folder / which).unlink()
+    os.mkfifo(folder / which)
+    result, warned = load_in_time(folder / which, load)
+    if which == CONFIG_NAME:  # only compared with the header: a warning, and the adapter loads
+        assert torch.equal(result(ids), outputs)
+        assert any("not a regular file" in w for w in warned), warned
+    else:
+        assert isinstance(result, ValueError) and "not a regular file" in str(result), result
+
+
+@pytest.mark.parametrize("pattern", ["(.|.)*Z", "(a+)+b", "(?:x+y)*", ".*.*.*.*.*Z"])
+def test_a_backtracking_regex_in_a_file_is_refused(saved, tmp_path, pattern):
+    """The regex is matched against every module name: (.|.)*Z took 5.5 s on a 26-character name."""
+    header, _ = header_of(saved[1])
+    header["config"]["target_modules"] = pattern
+    refused(copy_of(saved, tmp_path, repacked(saved[1], header)), match="catastrophic backtracking")
+
+
+def test_target_regexes_users_write_still_load(saved, tmp_path):
+    header, _ = header_of(saved[1])
+    header["config"]["target_modules"] = r"^(?!.*classifier).*\.(query|value|out)"
+    model = g.load_adapter(fresh_base(), copy_of(saved, tmp_path, repacked(saved[1], header)))
+    assert g.giva_layers(model)
