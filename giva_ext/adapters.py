@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import GiVAConfig
-from .layer import GiVALinear, UnknownAdapterError, check_adapter_name
+from .layer import PER_THREAD, GiVALinear, UnknownAdapterError, check_adapter_name
 from .model import (_check_targets, _replace, activate, chunks_for, find_targets, get_config,
                     register_adapter, wrapped_layers)
 
@@ -97,13 +97,19 @@ def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model runs without any adapter; the active one is restored after."""
-    previous = active_adapter(model)
-    activate(model, None)
+    """Within the block the model runs without any adapter, in this thread only: other threads
+    sharing the model keep running its active adapter, and nothing else changes (the active
+    adapter, which vectors require grad)."""
+    layers = wrapped_layers(model)
+    merged = [n for n, layer in layers.items() if layer.merged]
+    if merged:
+        raise RuntimeError(f"GiVA layer {merged[0]!r} is merged; unmerge it to run the model without adapters")
+    added = [id(layer) for layer in layers.values() if id(layer) not in PER_THREAD.bare]
+    PER_THREAD.bare.update(added)
     try:
         yield model
     finally:
-        activate(model, previous)
+        PER_THREAD.bare.difference_update(added)
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
@@ -174,9 +180,9 @@ def mixed_adapters(model: nn.Module, adapters: Sequence[str | None] | torch.Tens
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(f"GiVA layer {merged[0]!r} is merged; unmerge before a mixed-adapter batch")
-    busy = [n for n, layer in layers.items() if layer.mixed_row_ids is not None]
+    busy = [n for n, layer in layers.items() if layer.mixed_state() is not None]
     if busy:
-        raise RuntimeError(f"GiVA layer {busy[0]!r} is already in a mixed_adapters block")
+        raise RuntimeError(f"GiVA layer {busy[0]!r} is already in a mixed_adapters block of this thread")
     names = adapter_names(model)
     ids = _row_ids(model, adapters, names, next(iter(layers.values())).base.weight.device)
     try:
@@ -184,15 +190,16 @@ def mixed_adapters(model: nn.Module, adapters: Sequence[str | None] | torch.Tens
             # This layer's index of each model adapter (-1 where it lacks one), looked up per row
             # at each call; none needed where the layer holds the model's adapters in its order.
             position = {n: i for i, n in enumerate(layer.adapters)}
+            lookup = None
             if list(layer.adapters) != names:
-                layer.mixed_lookup = torch.tensor([-1, *(position.get(n, -1) for n in names)],
-                                                  dtype=torch.long, device=ids.device)
-            layer.mixed_row_ids = ids
+                lookup = torch.tensor([-1, *(position.get(n, -1) for n in names)], dtype=torch.long,
+                                      device=ids.device)
             held = list(layer.adapters.values())
             # An input scale folds into A (inference only: nothing trains inside the block).
-            layer.mixed_tensors = ([a.scaled_A() for a in held], *([getattr(a, k) for a in held]
-                                                                   for k in ("B", "lambda_s", "lambda_o")))
+            tensors = ([a.scaled_A() for a in held], *([getattr(a, k) for a in held]
+                                                       for k in ("B", "lambda_s", "lambda_o")))
+            PER_THREAD.mixed[id(layer)] = (ids, lookup, tensors)
         yield model
     finally:
         for layer in layers.values():
-            layer.mixed_row_ids = layer.mixed_lookup = layer.mixed_tensors = None
+            PER_THREAD.mixed.pop(id(layer), None)

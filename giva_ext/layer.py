@@ -3,12 +3,29 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import threading
 
 import torch
 from torch import nn
 
 from . import reference
 from .functional import HALF_DTYPES, giva_linear, mixed_giva_linear
+
+
+class _PerThread(threading.local):
+    """What layers run in this thread only, set by the mixed_adapters and disable_adapters blocks:
+    serving threads share one model, so a block one thread enters must not change what the others
+    compute. Keyed by id(layer); a block removes its entries when it ends."""
+
+    def __init__(self):
+        # A mixed batch's per-row choice: the model's row ids (-1 for none), read at every call; the
+        # lookup from the model's adapter ids to the layer's (None when they are the same); and the
+        # adapters' (A, B, lambda_s, lambda_o) lists, gathered once per block rather than per call.
+        self.mixed: dict[int, tuple] = {}
+        self.bare: set[int] = set()  # layers that run without adapter (disable_adapters)
+
+
+PER_THREAD = _PerThread()
 
 
 def random_orthonormal(rows: int, cols: int, generator: torch.Generator | None = None,
@@ -223,13 +240,6 @@ class GiVALinear(nn.Module):
         self._merged_factors: tuple | None = None  # copies of what merge() folded in
         self.adapters = nn.ModuleDict({adapter_name: first})
         self.active_adapter: str | None = adapter_name
-        # Per-row adapter choice of a mixed batch (set by giva_ext.mixed_adapters): the model's row
-        # ids (-1 for none), read at every call; the lookup from the model's adapter ids to this
-        # layer's (None when they are the same); and the adapters' (A, B, lambda_s, lambda_o)
-        # lists, gathered once per block rather than per call. None outside such a block.
-        self.mixed_row_ids: torch.Tensor | None = None
-        self.mixed_lookup: torch.Tensor | None = None
-        self.mixed_tensors: tuple[list[torch.Tensor], ...] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int, dropout: float = 0.0,
@@ -387,16 +397,21 @@ class GiVALinear(nn.Module):
         self._premerge_digests = self._merged_factors = None
         self.merged = False
 
+    def mixed_state(self) -> tuple | None:
+        """This thread's mixed-batch state of the layer (row ids, lookup, tensors), or None."""
+        return PER_THREAD.mixed.get(id(self)) if PER_THREAD.mixed else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mixed_row_ids is not None:
+        mixed = self.mixed_state()
+        if mixed is not None:
             if self.merged:
                 raise RuntimeError(f"adapter {self.active_adapter!r} is merged into this layer; "
                                    "unmerge before running a mixed-adapter batch")
-            ids = self.mixed_row_ids
-            if self.mixed_lookup is not None:  # per call, so that ids changed in place take effect
-                ids = self.mixed_lookup[ids + 1]
-            return mixed_giva_linear(x, self.weight_out_in(), self.base.bias, *self.mixed_tensors, ids)
-        if self.merged or self.active_adapter is None:
+            ids, lookup, tensors = mixed
+            if lookup is not None:  # per call, so that ids changed in place take effect
+                ids = lookup[ids + 1]
+            return mixed_giva_linear(x, self.weight_out_in(), self.base.bias, *tensors, ids)
+        if self.merged or self.active_adapter is None or (PER_THREAD.bare and id(self) in PER_THREAD.bare):
             return self.base(x)
         a = self.adapter
         return giva_linear(x, self.weight_out_in(), self.base.bias, a.A, a.B, a.lambda_s,

@@ -1,6 +1,7 @@
 """Several named adapters on one model (add, switch, disable, delete) and mixed-adapter batches,
 against explicit oracles: the base model with each adapter's delta added to its weights by the
 formula, and "run each adapter on the whole batch and keep its rows"."""
+import contextlib
 import copy
 
 import pytest
@@ -61,9 +62,11 @@ def test_add_switch_disable(three):
         torch.testing.assert_close(model(IDS), with_delta(plain, model, name)(IDS))
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trainable == {n for n, _ in model.named_parameters() if f".adapters.{name}.lambda_" in n}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with g.disable_adapters(model):
         torch.testing.assert_close(model(IDS), plain(IDS))
-        assert not any(p.requires_grad for p in model.parameters())
+        assert g.active_adapter(model) == "wide"  # only what this thread runs changes
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert g.active_adapter(model) == "wide"
     torch.testing.assert_close(model(IDS), with_delta(plain, model, "wide")(IDS))
     g.set_adapter(model, None)
@@ -214,7 +217,68 @@ def test_mixed_batch_matches_each_adapter_on_its_rows(three, monkeypatch, native
     with getattr(torch, mode)(), g.mixed_adapters(model, rows):
         got = model(IDS)
     torch.testing.assert_close(got, expected)
-    assert all(layer.mixed_row_ids is None for layer in g.wrapped_layers(model).values())
+    assert all(layer.mixed_state() is None for layer in g.wrapped_layers(model).values())
+
+
+def in_another_thread(block, run):
+    """Enter ``block`` in a second thread and call ``run`` here while it is open."""
+    import threading
+
+    entered, leave = threading.Event(), threading.Event()
+    errors = []
+
+    def hold():
+        try:
+            with block():
+                entered.set()
+                leave.wait(30)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+            entered.set()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    entered.wait(30)
+    try:
+        return run()
+    finally:
+        leave.set()
+        thread.join(30)
+        assert not errors, errors
+
+
+@pytest.mark.parametrize("block", ["mixed", "disable"])
+def test_a_block_in_one_thread_leaves_other_threads_alone(three, block):
+    """Serving threads share the model: one thread's mixed_adapters or disable_adapters block must
+    not change what another thread computes (before, the other thread got the bare model or an
+    error)."""
+    plain, model = three
+    want = with_delta(plain, model, "default")(IDS)
+
+    def other():
+        return model(IDS)
+
+    def enter():
+        return _mixed_no_grad(model) if block == "mixed" else g.disable_adapters(model)
+
+    got = in_another_thread(enter, other)
+    torch.testing.assert_close(got, want)
+    # and two threads may hold mixed blocks with different rows at once
+    if block == "mixed":
+        with torch.no_grad():
+            expected = per_adapter_oracle(model, ["wide"] * 6, IDS)
+
+        def mine():
+            with torch.no_grad(), g.mixed_adapters(model, ["wide"] * 6):
+                return model(IDS)
+
+        torch.testing.assert_close(in_another_thread(enter, mine), expected)
+
+
+@contextlib.contextmanager
+def _mixed_no_grad(model):
+    with torch.no_grad(), g.mixed_adapters(model, [None] * 6):
+        yield model
 
 
 def test_mixed_batch_of_one_row_and_by_ids(three):
@@ -301,7 +365,7 @@ def test_mixed_batch_errors_before_running(three):
     with pytest.raises(RuntimeError, match="already in a mixed_adapters block"):
         with g.mixed_adapters(model, ["wide"] * 6), g.mixed_adapters(model, ["wide"] * 6):
             pass
-    assert all(layer.mixed_row_ids is None for layer in g.wrapped_layers(model).values())
+    assert all(layer.mixed_state() is None for layer in g.wrapped_layers(model).values())
 
 
 # ---- the op itself, with scattered rows (the gather path) and every CPU dtype
