@@ -30,6 +30,7 @@ TARGET_MODULES = ["query", "key", "value", "dense"]
 METHODS = {
     "giva": "GiVA r=8 (VrU2r)",
     "giva-input": "GiVA r=8 + input scale",
+    "giva-rms-input": "GiVA r=8 VrUr, rms + input scale",
     "lora": "LoRA r=8",
     "random8": "random bases r=8",
     "random64": "random bases r=64",
@@ -176,11 +177,14 @@ def build(method: str, encoder: nn.Module, seed: int, init_batches: list[dict],
     from giva_ext import GiVAConfig, apply_giva, init_bases
 
     # "giva": the paper's adapter (the library's default); "giva-input": with the input scale;
+    # "giva-rms-input": the best recipe the accuracy benchmark measured (docs/accuracy.md);
     # random bases: the paper's adapter on random orthonormal bases (a VeRA-like control).
-    r, mode, input_scale = {"giva": (8, "VrU2r", False), "giva-input": (8, "VrU2r", True),
-                            "random8": (8, "random", False), "random64": (64, "random", False)}[method]
+    r, mode, input_scale, precondition = {
+        "giva": (8, "VrU2r", False, "none"), "giva-input": (8, "VrU2r", True, "none"),
+        "giva-rms-input": (8, "VrUr", True, "rms"),
+        "random8": (8, "random", False, "none"), "random64": (64, "random", False, "none")}[method]
     config = GiVAConfig(r=r, target_modules=TARGET_MODULES, init_mode=mode, input_scale=input_scale,
-                        grad_batches=len(init_batches), dropout=0.0,
+                        precondition=precondition, grad_batches=len(init_batches), dropout=0.0,
                         modules_to_save=["classifier"], seed=seed)
     model = apply_giva(model, config)
     init_bases(model, init_batches, progress=progress)

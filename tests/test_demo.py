@@ -50,7 +50,7 @@ def test_demo_all_methods(tmp_path, capsys):
     count = {m: r["trainable"] for m, r in results.items()}
     assert count["head"] == 384 * 2 + 2
     assert count["giva"] == count["random8"] == giva_trainable(8)
-    assert count["giva-input"] == giva_trainable(8, input_scale=True)
+    assert count["giva-input"] == count["giva-rms-input"] == giva_trainable(8, input_scale=True)
     assert count["random64"] == giva_trainable(64)
     assert count["head"] < count["giva"] < count["random64"] < count["giva-input"] < count["lora"]
     assert payload["data"] == {"train": 192, "test": 128, "dropped": 785}
