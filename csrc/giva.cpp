@@ -17,7 +17,7 @@ TORCH_LIBRARY(giva, m) {
   // adapter where token_ids[t] == -1. token_ids is int64 (T,) on x's device; ranks may differ.
   m.def("mixed_linear(Tensor x, Tensor weight, Tensor? bias, Tensor[] A, Tensor[] B, "
         "Tensor[] lambda_s, Tensor[] lambda_o, Tensor token_ids) -> Tensor");
-  // Gradient sketch of one layer (DESIGN.md §2): returns (Y + g^T (x omega), Z + (g psi^T)^T x)
+  // Gradient sketch of one layer (docs/design.md §2): returns (Y + g^T (x omega), Z + (g psi^T)^T x)
   // for x (T, in), g (T, out), omega (in, k), psi (k', out), Y (out, k), Z (k', in). Y, Z, omega
   // and psi are float32 (float64 for float64 data); fp16/bf16 x and g accumulate in float32.
   m.def("sketch_update(Tensor x, Tensor g, Tensor omega, Tensor psi, Tensor Y, Tensor Z) "

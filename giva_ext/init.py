@@ -1,9 +1,9 @@
 """Gradient-informed init: the bases A, B from the SVD of each target layer's loss gradient.
 
 The gradient G = sum over batches of g^T x (out x in) of each layer is never formed by default:
-the init streams its sketches G Omega and Psi G (giva_ext.rsvd.GradientSketch, DESIGN.md §2) from
-the layer's input x and output gradient g, and takes the singular vectors from them (with
-precondition="rms", of D_g^-1 G D_x^-1: giva_ext.precondition). svd="dense"
+the init streams its sketches G Omega and Psi G (giva_ext.rsvd.GradientSketch, docs/design.md
+§2) from the layer's input x and output gradient g, and takes the singular vectors from them
+(with precondition="rms", of D_g^-1 G D_x^-1: giva_ext.precondition). svd="dense"
 keeps the exact dense gradient instead (the oracle; also used for any layer too small for a sketch
 to save memory). Under torch.distributed every process sketches its own batches and one
 all_reduce sums the sketches. A cache file lets an interrupted or repeated init resume.

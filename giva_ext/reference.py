@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of every GiVA op: the oracle for tests and the fallback without _C.
 
 Shapes: x is (T, in), weight is (out, in), bias is (out,) or None, A is (r, in), B is (out, r),
-lambda_s is (r,), lambda_o is (out,).  The math is DESIGN.md §2: the vectors fold into the bases,
+lambda_s is (r,), lambda_o is (out,).  The math is docs/design.md §2: the vectors fold into the bases,
 
     A' = diag(lambda_s) A,   B'' = diag(lambda_o) B,   y = x W^T + bias + (x A'^T) B''^T,
 
@@ -107,7 +107,7 @@ def linear(x, weight, bias, A, B, lambda_s, lambda_o):
     return _ReferenceLinear.apply(x, weight, bias, A, B, lambda_s, lambda_o)[0]
 
 
-# ---- gradient sketch and randomized SVD (DESIGN.md §2 "Gradient sketch") ----------------------------
+# ---- gradient sketch and randomized SVD (docs/design.md §2, "Gradient sketch") ----------------------------
 
 # Rows of x and g a sketch update converts and multiplies at a time: its temporaries are
 # (rows, in), (rows, out) and (rows, k) whatever the number of tokens T.

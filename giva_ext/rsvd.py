@@ -1,5 +1,5 @@
 """Randomized SVD: of a dense matrix (Halko, Martinsson & Tropp 2011) and of a matrix known only
-through streamed linear sketches (Tropp, Yurtsever, Udell & Cevher 2017), DESIGN.md §2.
+through streamed linear sketches (Tropp, Yurtsever, Udell & Cevher 2017), docs/design.md §2.
 
 The heavy steps are the ops sketch_update and rsvd: native kernels when giva_ext._C has one for
 the tensors' device and dtype, else giva_ext.reference (same math).
@@ -65,7 +65,7 @@ def _layer_seed(seed: int, name: str) -> int:
 
 class GradientSketch:
     """Streamed sketches of G = sum_t g_t^T x_t (out x in) for one layer, and its top singular
-    triplets from them, without ever forming G (DESIGN.md §2).
+    triplets from them, without ever forming G (docs/design.md §2).
 
     Pass 1 keeps Y = G Omega (out x k) and Z = Psi G (k' x in) with Gaussian Omega (in x k) and
     Psi (k' x out), k' = 2k + 1 (at most out). The test matrices come from a generator seeded by

@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis): random shapes (zero sizes included), ranks, dtypes, leading dims,
 memory layouts and bias presence. Every result is compared with an independent oracle: the layer
-formula of DESIGN.md §1 in float64, differentiated by autograd (not the hand-written backward of
+formula of docs/design.md §1 in float64, differentiated by autograd (not the hand-written backward of
 reference.py), or the model the adapter was saved from."""
 import tempfile
 

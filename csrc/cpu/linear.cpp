@@ -1,4 +1,4 @@
-// CPU kernels of giva::linear_forward / giva::linear_backward (DESIGN.md §2).
+// CPU kernels of giva::linear_forward / giva::linear_backward (docs/design.md §2).
 //
 // The base GEMMs dominate; the adapter's cost is its thin (K or N = r) products and the memory
 // passes over T-sized tensors they add. Two paths, chosen per call and direction by

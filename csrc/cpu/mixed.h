@@ -75,7 +75,7 @@ inline std::vector<std::vector<std::pair<int64_t, int64_t>>> group_rows(const at
   return groups;
 }
 
-// The vectors fold into the bases (DESIGN.md §2), in fp32 for half types:
+// The vectors fold into the bases (docs/design.md §2), in fp32 for half types:
 // A_s = diag(lambda_s) A and B_o = diag(lambda_o) B, in x's dtype.
 inline std::pair<at::Tensor, at::Tensor> folded_bases(const at::Tensor& A, const at::Tensor& B,
                                                       const at::Tensor& lambda_s,

@@ -1,4 +1,4 @@
-// giva::sketch_update and giva::rsvd (DESIGN.md §2, "Gradient sketch"). Both are a handful of GEMMs
+// giva::sketch_update and giva::rsvd (docs/design.md §2, "Gradient sketch"). Both are a handful of GEMMs
 // and small dense factorisations, so one device-agnostic ATen implementation (csrc/cpu/sketch.cpp)
 // serves both devices: on CUDA the GEMMs run in cuBLAS and the factorisations in cuSOLVER.
 // csrc/cuda/sketch.cu only registers it for CUDA, with a device guard and CUDA's dtypes.

@@ -1,4 +1,4 @@
-// CUDA kernels of giva::linear_forward / giva::linear_backward (DESIGN.md §2).
+// CUDA kernels of giva::linear_forward / giva::linear_backward (docs/design.md §2).
 //
 // The frozen GEMMs (x W^T forward, g W backward) run in cuBLAS through ATen and dominate the layer;
 // what the adapter adds is passes over T-sized tensors, so the design counts passes:
