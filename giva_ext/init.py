@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
@@ -436,20 +437,24 @@ def _random_unit_bases(unit: _Unit, n_in: int, generator: torch.Generator):
     return random_orthonormal(unit.r, n_in, generator), random_orthonormal(out, unit.r, generator), None
 
 
-def _unit_bases(unit: _Unit, u, s, v, mode: str, generator: torch.Generator, dtype: torch.dtype):
-    """A (r, in) and B (out, r) from G ~ U S V^T as the init mode says; warns if rank-deficient.
+def informative_rtol(dtype: torch.dtype) -> float:
+    """A singular value counts as informative above this fraction of the largest."""
+    return max(RANK_DEFICIENT_RTOL, torch.finfo(dtype).eps)
+
+
+def _unit_bases(unit: _Unit, u, s, v, mode: str, generator: torch.Generator, dtype: torch.dtype,
+                deficient: list):
+    """A (r, in) and B (out, r) from G ~ U S V^T as the init mode says; a layer whose gradient has
+    fewer informative directions than the mode uses is added to ``deficient`` (name, count, needed).
 
     U and V are orthonormal even where S is zero (the SVD completes them), so the directions past
     the gradient's rank are an orthonormal completion, orthogonal to the informative ones."""
     r, needed = unit.r, unit.needed
     s_used = s[:needed]
-    rtol = max(RANK_DEFICIENT_RTOL, torch.finfo(dtype).eps)
+    rtol = informative_rtol(dtype)
     informative = int((s_used > s_used[0] * rtol).sum())
     if informative < needed:
-        warnings.warn(f"giva init: layer {unit.name!r} has a gradient with only {informative} "
-                      f"informative directions (singular values above {rtol:.3g} of the largest) but "
-                      f"{mode} uses {needed}; the rest of its basis is an arbitrary orthonormal "
-                      "completion, orthogonal to them", RuntimeWarning, stacklevel=3)
+        deficient.append((unit.name, informative, needed))
     A = v[:, :r].t()
     if mode == "VrU2r":
         B = u[:, r:2 * r]
@@ -458,6 +463,35 @@ def _unit_bases(unit: _Unit, u, s, v, mode: str, generator: torch.Generator, dty
     else:  # "Vr"
         B = random_orthonormal(u.shape[0], r, generator, u.dtype, u.device)
     return A, B, s_used
+
+
+def _warn_rank_deficient(deficient: list, mode: str, count: int) -> None:
+    """One warning for every layer of one init_bases call whose gradient had too few directions."""
+    if not deficient:
+        return
+    worst = sorted(deficient, key=lambda d: d[1] / d[2])
+    shown = ", ".join(f"{name!r} {found} of {needed}" for name, found, needed in worst[:5])
+    more = f" and {len(worst) - 5} more" if len(worst) > 5 else ""
+    _warn_at_caller(
+        f"giva init: {len(deficient)} of {count} layers have a gradient with fewer informative "
+        f"directions (singular values above {RANK_DEFICIENT_RTOL:g} of the largest, or the dtype's eps) "
+        f"than {mode} uses; the fewest: {shown}{more}. Each of those bases is completed by arbitrary "
+        "orthonormal directions, orthogonal to the informative ones. It happens when the gradient "
+        "batches hold few tokens or a layer's gradient has low rank (the layer before a freshly "
+        "initialised head); more gradient batches help, or a smaller r. init_bases returns every "
+        "layer's singular values.")
+
+
+def _warn_at_caller(message: str) -> None:
+    """A RuntimeWarning that points at the user's code: the first frame outside giva_ext and the
+    libraries that call into it (transformers' Trainer running the init callback, accelerate)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _INTERNAL_PACKAGES:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
+
+
+_INTERNAL_PACKAGES = {"giva_ext", "transformers", "accelerate", "torch"}
 
 
 def _summary(unit: _Unit, s: torch.Tensor) -> str:
@@ -600,10 +634,9 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
                     if total == 0:
                         raise ValueError("init_bases got an empty batch iterable")
                     if total < count * world:
-                        warnings.warn(f"init_bases: the batches ran out after {total} of the {count * world} "
-                                      f"asked for ({count} per process, num_batches or the config's "
-                                      "grad_batches); the gradient is their mean", RuntimeWarning,
-                                      stacklevel=2)
+                        _warn_at_caller(f"init_bases: the batches ran out after {total} of the "
+                                        f"{count * world} asked for ({count} per process, num_batches or "
+                                        "the config's grad_batches); the gradient is their mean")
                     state["total"] = total
                     state["zero"] = [u.name for u in units if u.acc.is_zero()]
                     if state["zero"] and on_zero_grad == "error":
@@ -620,10 +653,11 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
                 if store is not None:
                     store.save(state, units, scales)
         zero = set(state["zero"])
+        deficient = []
         for u in units:
             if u.name in zero:
-                warnings.warn(f"giva init: layer {u.name!r} got an all-zero gradient; using random "
-                              "orthonormal bases", RuntimeWarning, stacklevel=2)
+                _warn_at_caller(f"giva init: layer {u.name!r} got an all-zero gradient; using random "
+                                "orthonormal bases")
                 results[u.name] = _random_unit_bases(u, layers[u.layer].in_features, generator)
                 continue
             left, s, right = u.acc.svd()
@@ -631,7 +665,8 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
             if rank == 0:
                 logger.info("giva init: %s", _summary(u, s))
             results[u.name] = _unit_bases(u, left, s, right, mode, generator,
-                                          layers[u.layer].base.weight.dtype)
+                                          layers[u.layer].base.weight.dtype, deficient)
+        _warn_rank_deficient(deficient, mode, len(units))
     spectra = {}
     for name, layer in layers.items():
         parts = [results[u.name] for u in units if u.layer == name]

@@ -1,5 +1,6 @@
 """init_bases against planted answers and the exact SVD of the dense gradient."""
 import math
+import warnings
 from contextlib import nullcontext
 
 import pytest
@@ -60,7 +61,7 @@ def test_planted_row_space_is_recovered_and_trains_better_than_random(input_scal
     for mode, r in [("VrU2r", 4), ("VrUr", 4), ("random", 4), ("random", 32)]:
         model = student(w0, r, mode, input_scale=input_scale)
         # dW has rank 4, so VrU2r's B = U[:, 4:8] lies outside the gradient's column space.
-        rank_deficient = pytest.warns(RuntimeWarning, match="only 4 informative")
+        rank_deficient = pytest.warns(RuntimeWarning, match="1 of 1 layers.*the fewest: .0. 4 of 8")
         with rank_deficient if mode == "VrU2r" else nullcontext():
             g.init_bases(model, batches, mse, progress=False)
         if mode != "random":
@@ -113,7 +114,7 @@ def test_init_is_deterministic_and_resets_vectors():
         model = student(w0, 4, "VrU2r", seed=7)
         with torch.no_grad():
             model[0].lambda_o.fill_(3.0)  # trained vectors must not leak into the gradient
-        with pytest.warns(RuntimeWarning, match="only 4 informative"):
+        with pytest.warns(RuntimeWarning, match="1 of 1 layers.*the fewest: .0. 4 of 8"):
             g.init_bases(model, batches, mse, progress=False)
         assert torch.equal(model[0].lambda_s, torch.ones(4))
         assert torch.equal(model[0].lambda_o, torch.zeros(N_OUT))
@@ -208,7 +209,7 @@ def test_rank_deficient_gradient_warns_without_nan():
     model = g.apply_giva(nn.Sequential(nn.Linear(16, 16, bias=False)),
                          g.GiVAConfig(r=4, target_modules=["0"], init_mode="VrU2r"))
     x = torch.randn(1, 16)  # one token: the gradient has rank 1
-    with pytest.warns(RuntimeWarning, match="only 1 informative"):
+    with pytest.warns(RuntimeWarning, match="1 of 1 layers.*the fewest: .0. 1 of 8"):
         g.init_bases(model, [(x, torch.randn(1, 16))], mse, progress=False)
     layer = model[0]
     assert torch.isfinite(layer.A).all() and torch.isfinite(layer.B).all()
@@ -242,3 +243,21 @@ def test_bad_init_arguments_are_refused_before_anything_changes(kwargs, message)
     with pytest.raises(ValueError, match=message):
         g.init_bases(model, batches, mse, progress=False, **kwargs)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_rank_deficient_layers_get_one_warning_that_points_at_the_caller():
+    """One summary per init_bases call (it was one or two warnings per layer), worst layer first,
+    attributed to this file rather than to giva_ext."""
+    model = g.apply_giva(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                                       nn.Linear(32, 16)),
+                         g.GiVAConfig(r=4, target_modules=["0", "2", "4"]))
+    batches = [torch.randn(2, 16) for _ in range(2)]  # 4 tokens: at most rank 4 of the 8 VrU2r uses
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g.init_bases(model, batches, lambda m, b: m(b).pow(2).sum(), num_batches=2, progress=False)
+    rank = [w for w in caught if "informative directions" in str(w.message)]
+    assert len(rank) == 1, [str(w.message) for w in caught]
+    message = str(rank[0].message)
+    assert message.startswith("giva init: 3 of 3 layers have a gradient with fewer informative")
+    assert "the fewest: '0' 4 of 8, '2' 4 of 8, '4' 4 of 8." in message
+    assert rank[0].filename == __file__
