@@ -15,7 +15,7 @@ import logging
 import math
 import sys
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -511,8 +511,8 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
                cache: str | Path | None = None, cache_every: int = 1) -> dict:
     """Set every GiVA layer's bases from the loss gradient at the current (pretrained) weights.
 
-    Runs ``num_batches`` (default: config.grad_batches) batches from ``batches`` with the adapters
-    at zero and sets A, B from the truncated SVD of each target's mean gradient G = dL/dW, as the
+    Runs ``num_batches`` (default: config.grad_batches) batches from ``batches`` (a warning says
+    so when a list or tuple holds more and num_batches was not given) with the adapters at zero and sets A, B from the truncated SVD of each target's mean gradient G = dL/dW, as the
     init mode says (default: config.init_mode; "random" needs no batches). The loss is
     ``loss_fn(model, batch)`` or the model's own ``.loss``. Finally lambda_s = 1, lambda_o = 0
     (and lambda_i = 1).
@@ -586,6 +586,11 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
         results = {u.name: _random_unit_bases(u, layers[u.layer].in_features, generator) for u in units}
     else:
         count = num_batches or config.grad_batches
+        if (num_batches is None and isinstance(batches, Sequence) and not isinstance(batches, (str, bytes))
+                and len(batches) > count):
+            _warn_at_caller(f"init_bases: using the first {count} of the {len(batches)} batches given "
+                            f"(the config's grad_batches is {count}); pass num_batches={len(batches)} "
+                            "to average the gradient over all of them")
         for u in units:
             u.acc = _make_accumulator(u, layers[u.layer], svd, passes, oversample, config.seed,
                                       generator, niter)

@@ -261,3 +261,15 @@ def test_rank_deficient_layers_get_one_warning_that_points_at_the_caller():
     assert message.startswith("giva init: 3 of 3 layers have a gradient with fewer informative")
     assert "the fewest: '0' 4 of 8, '2' 4 of 8, '4' 4 of 8." in message
     assert rank[0].filename == __file__
+
+
+def test_a_list_longer_than_the_batches_used_says_so():
+    """The default grad_batches is 1: a list of 4 batches used to give its first without a word."""
+    model = g.apply_giva(nn.Sequential(nn.Linear(8, 8)), g.GiVAConfig(r=2, target_modules=["0"]))
+    batches = [(torch.randn(4, 8), torch.randn(4, 8)) for _ in range(4)]
+    with pytest.warns(RuntimeWarning, match="using the first 1 of the 4 batches given.*num_batches=4"):
+        g.init_bases(model, batches, mse, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: no warning
+        g.init_bases(model, batches, mse, num_batches=4, progress=False)
+        g.init_bases(model, iter(batches), mse, progress=False)  # an iterator's length is unknown
