@@ -1,5 +1,6 @@
 """Build records, the load check in giva_ext.ops, `giva env` and the wheel version tags."""
 import os
+import platform
 import subprocess
 import sys
 
@@ -124,3 +125,11 @@ def test_env_command(capsys):
         assert f"native ops: not loaded ({ops.LOAD_ERROR})" in out
     if ops.BUILD_INFO is not None:
         assert f"build: mode {ops.BUILD_INFO['mode']}, built for torch {ops.BUILD_INFO['torch']}" in out
+        if ops.BUILD_INFO["cuda"] is None:
+            assert "CUDA none, TORCH_CUDA_ARCH_LIST none" in out  # not Python's None
+    assert "None" not in out
+    assert "transformers " in out and ", peft " in out
+    if ops.HAS_NATIVE:
+        assert "CPU layer path: " in out
+        assert ("AVX-512 SIMD" in out.split("CPU layer path: ")[1]) == (
+            torch.backends.cpu.get_cpu_capability() == "AVX512" and platform.machine() in ("x86_64", "AMD64"))
