@@ -303,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
         adapter_lr = {"lora": args.lora_lr, "head": args.head_lr}.get(method, args.giva_lr)
         optimizer = make_optimizer(model, adapter_lr, args.head_lr)
         torch.manual_seed(args.seed)  # the same dropout masks in the encoder for every method
-        with tqdm(total=steps, desc=f"{METHODS[method]:<18}", disable=args.no_progress) as bar:
+        with tqdm(total=steps, desc=f"{METHODS[method]:<32}", disable=args.no_progress) as bar:
             train_loss = train(model, train_data, orders, args.batch_size, optimizer, bar)
         seconds = time.perf_counter() - start
         trainable = count_trainable(model)
@@ -324,11 +324,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_table(results: list[dict], base_params: int) -> str:
-    lines = [f"{'method':<18} {'trainable params':>16} {'% of model':>10} {'test acc':>8} "
+    width = max([len("method"), *(len(r["name"]) for r in results)])
+    lines = [f"{'method':<{width}} {'trainable params':>16} {'% of model':>10} {'test acc':>8} "
              f"{'time (s)':>8}",
-             "-" * 64]
+             "-" * (width + 46)]
     for r in results:
-        lines.append(f"{r['name']:<18} {r['trainable']:>16,} {r['percent']:>9.3f}% "
+        lines.append(f"{r['name']:<{width}} {r['trainable']:>16,} {r['percent']:>9.3f}% "
                      f"{r['accuracy']:>8.4f} {r['seconds']:>8.1f}")
     lines.append(f"(% of the {base_params:,} parameters of encoder + head; "
                  "time = adapter init + training)")
