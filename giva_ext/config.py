@@ -124,26 +124,28 @@ class GiVAConfig:
         return config
 
 
-_REPEATS = {_regex_parser.MAX_REPEAT, _regex_parser.MIN_REPEAT}
-_REPEATS |= {getattr(_regex_parser, "POSSESSIVE_REPEAT", _regex_parser.MAX_REPEAT)}
+_REPEATS = {_regex_parser.MAX_REPEAT, _regex_parser.MIN_REPEAT,
+            getattr(_regex_parser, "POSSESSIVE_REPEAT", _regex_parser.MAX_REPEAT)}  # 3.11+
 
-
-# A target_modules regex from a file may hold at most this many repeats (.*, \\d+, x{2,}).
+# A target_modules regex from a file may hold at most this many repeats (.*, \d+, x{2,}).
 MAX_REGEX_REPEATS = 4
 
 
-def _count_repeats(items) -> int:
-    count = 0
+def _regex_nodes(items, inside_repeat: bool = False):
+    """Every node of a parsed regex as (op, inside a repeat, whether it is a repeat that can match
+    more than once)."""
     for op, arg in items:
+        repeats = op in _REPEATS and (arg[1] is _regex_parser.MAXREPEAT or arg[1] > 1)
+        yield op, inside_repeat, repeats
         if op in _REPEATS:
-            count += (arg[1] is _regex_parser.MAXREPEAT or arg[1] > 1) + _count_repeats(arg[2])
+            yield from _regex_nodes(arg[2], inside_repeat or repeats)
         elif op is _regex_parser.BRANCH:
-            count += sum(_count_repeats(branch) for branch in arg[1])
+            for branch in arg[1]:
+                yield from _regex_nodes(branch, inside_repeat)
         elif op is _regex_parser.SUBPATTERN:
-            count += _count_repeats(arg[-1])
+            yield from _regex_nodes(arg[-1], inside_repeat)
         elif op in (_regex_parser.ASSERT, _regex_parser.ASSERT_NOT):
-            count += _count_repeats(arg[1])
-    return count
+            yield from _regex_nodes(arg[1], inside_repeat)
 
 
 def check_regex_from_file(pattern: str) -> None:
@@ -152,34 +154,16 @@ def check_regex_from_file(pattern: str) -> None:
     length of the name (seconds at 26 characters). Patterns users write for target_modules, like
     .*\\.(q|v)_proj, have no such nesting; the few that do can be written as a list of names."""
     try:
-        parsed = _regex_parser.parse(pattern)
+        nodes = list(_regex_nodes(_regex_parser.parse(pattern)))
     except (re.error, RecursionError) as exc:
         raise ValueError(f"target_modules regex {pattern!r} is invalid: {exc}") from exc
-
-    def nested(items, inside_repeat: bool) -> str | None:
-        for op, arg in items:
-            if op in _REPEATS:
-                low, high, body = arg
-                repeats = high is _regex_parser.MAXREPEAT or high > 1
-                if repeats and inside_repeat:
-                    return "a repeat inside a repeat"
-                found = nested(body, inside_repeat or repeats)
-            elif op is _regex_parser.BRANCH:
-                if inside_repeat:
-                    return "an alternation inside a repeat"
-                found = next((f for branch in arg[1] if (f := nested(branch, inside_repeat))), None)
-            elif op is _regex_parser.SUBPATTERN:
-                found = nested(arg[-1], inside_repeat)
-            elif op in (_regex_parser.ASSERT, _regex_parser.ASSERT_NOT):
-                found = nested(arg[1], inside_repeat)
-            else:
-                found = None
-            if found:
-                return found
-        return None
-
-    problem = nested(parsed, False)
-    if not problem and _count_repeats(parsed) > MAX_REGEX_REPEATS:
+    repeats = [inside for _, inside, repeats in nodes if repeats]
+    problem = None
+    if any(repeats):
+        problem = "a repeat inside a repeat"
+    elif any(inside for op, inside, _ in nodes if op is _regex_parser.BRANCH):
+        problem = "an alternation inside a repeat"
+    elif len(repeats) > MAX_REGEX_REPEATS:
         problem = f"more than {MAX_REGEX_REPEATS} repeats"
     if problem:
         raise ValueError(f"target_modules regex {pattern!r}, read from a file, has {problem}: matching it "

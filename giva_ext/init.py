@@ -351,15 +351,14 @@ def _run_pass(model, layers, units, batches, count: int, loss_fn, pass_index: in
                     scales[name].add(x2, dy2)
                 if _finish_scales(scales, world, failed=False):
                     raise RuntimeError("init_bases failed in another process (see its error)")
+            if scales is not None:  # once per layer, not per unit of a fused layer
+                flat = [(name, *scales[name].apply(x2, dy2)) for name, x2, dy2 in flat]
             test_matrices = {}
             for name, x2, dy2 in flat:
                 for u in by_layer[name]:
                     if u.name not in test_matrices:  # drawn once per batch, even for shared layers
                         test_matrices[u.name] = u.acc.test_matrices()
-                    xs, gs = x2, dy2[:, u.rows]
-                    if scales is not None:
-                        xs, gs = scales[name].apply(xs, gs, u.rows)
-                    u.acc.update(xs, gs, test_matrices[u.name])
+                    u.acc.update(x2, dy2[:, u.rows], test_matrices[u.name])
             active = [u for u in units if pass_index < u.acc.passes]
             if maybe_non_finite([t for u in active for t in u.acc.sums()]):
                 for u in active:
@@ -437,11 +436,6 @@ def _random_unit_bases(unit: _Unit, n_in: int, generator: torch.Generator):
     return random_orthonormal(unit.r, n_in, generator), random_orthonormal(out, unit.r, generator), None
 
 
-def informative_rtol(dtype: torch.dtype) -> float:
-    """A singular value counts as informative above this fraction of the largest."""
-    return max(RANK_DEFICIENT_RTOL, torch.finfo(dtype).eps)
-
-
 def _unit_bases(unit: _Unit, u, s, v, mode: str, generator: torch.Generator, dtype: torch.dtype,
                 deficient: list):
     """A (r, in) and B (out, r) from G ~ U S V^T as the init mode says; a layer whose gradient has
@@ -451,7 +445,7 @@ def _unit_bases(unit: _Unit, u, s, v, mode: str, generator: torch.Generator, dty
     the gradient's rank are an orthonormal completion, orthogonal to the informative ones."""
     r, needed = unit.r, unit.needed
     s_used = s[:needed]
-    rtol = informative_rtol(dtype)
+    rtol = max(RANK_DEFICIENT_RTOL, torch.finfo(dtype).eps)
     informative = int((s_used > s_used[0] * rtol).sum())
     if informative < needed:
         deficient.append((unit.name, informative, needed))

@@ -44,9 +44,9 @@ class FeatureScales:
         self.inv_in = _inverse_rms(self.sums[:self.in_features] / count)
         self.inv_out = _inverse_rms(self.sums[self.in_features:-1] / count)
 
-    def apply(self, x: torch.Tensor, g: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """x D_x^-1 and g D_g^-1 for the output rows ``rows`` of a layer, in their own dtypes."""
-        return x * self.inv_in.to(x.dtype), g * self.inv_out[rows].to(g.dtype)
+    def apply(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x D_x^-1 and g D_g^-1, in their own dtypes."""
+        return x * self.inv_in.to(x.dtype), g * self.inv_out.to(g.dtype)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"inv_in": self.inv_in, "inv_out": self.inv_out}
