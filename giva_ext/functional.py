@@ -13,11 +13,9 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 def _composite(x, weight, bias, A, B, lambda_s, lambda_o, adapter_input):
     """Plain autograd graph: used when a frozen tensor requires grad or adapter dropout is active.
-    Float32 vectors beside half-precision x are used in x's dtype (their gradients come back in
-    float32 through the cast)."""
-    lambda_s, lambda_o = lambda_s.to(x.dtype), lambda_o.to(x.dtype)
-    s = adapter_input @ A.t()
-    return F.linear(x, weight, bias).addmm(s * lambda_s, (B * lambda_o[:, None]).t())
+    The adapter term is the reference's (s in float32 beside float16 x); float32 vectors beside
+    half-precision x get their gradients back in float32 through the casts."""
+    return reference.adapter_forward(adapter_input, F.linear(x, weight, bias), A, B, lambda_s, lambda_o)[0]
 
 
 class _LinearTrainableA(torch.autograd.Function):
@@ -48,8 +46,8 @@ class _LinearTrainableA(torch.autograd.Function):
         if need_a and grad_y is not None:
             scaled = (grad_y @ (B * lambda_o.to(B.dtype)[:, None])) * lambda_s.to(B.dtype)
             grad_a = scaled.t() @ x
-        if need_a and grad_s is not None:  # s = x A^T
-            through_s = grad_s.t() @ x
+        if need_a and grad_s is not None:  # s = x A^T (s may be float32 beside float16 x)
+            through_s = (grad_s.t() @ x.to(grad_s.dtype)).to(A.dtype)
             grad_a = through_s if grad_a is None else grad_a + through_s
         return grad_x, None, None, grad_a, None, grad_s_vector, grad_o, None
 

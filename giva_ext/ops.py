@@ -115,7 +115,7 @@ if HAS_NATIVE:
     @torch.library.register_fake("giva::linear_forward")
     def _linear_forward_fake(x, weight, bias, A, B, lambda_s, lambda_o):
         T = x.shape[0]
-        return x.new_empty(T, weight.shape[0]), x.new_empty(T, A.shape[0])
+        return x.new_empty(T, weight.shape[0]), x.new_empty(T, A.shape[0], dtype=reference.saved_s_dtype(x.dtype))
 
     @torch.library.register_fake("giva::linear_backward")
     def _linear_backward_fake(grad_y, s, weight, A, B, lambda_s, lambda_o, output_mask):

@@ -13,14 +13,28 @@ import torch
 import torch.nn.functional as F
 
 
+def saved_s_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of s = x A^T for x of ``dtype``: float32 beside float16 x, else x's dtype. s sums
+    ``in`` products and passes float16's 65504 where the layer's output does not (x = 3000 into
+    in = 1024 with A = 1/32), and inf times lambda_o = 0 would make the output NaN; bfloat16 has
+    float32's range. Every path (this reference, the CPU and CUDA ops, the fake) keeps this rule."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def adapter_forward(x, y_base, A, B, lambda_s, lambda_o):
+    """Returns (y_base + (s * lambda_s) B''^T, s) with s = x A^T, both in saved_s_dtype(x.dtype)
+    until the sum is rounded once to x's dtype: with lambda_o = 0 the output is y_base exactly.
+    y_base is the frozen layer's output; x is what the adapter reads (x, or x after dropout)."""
+    acc = saved_s_dtype(x.dtype)
+    s = x.to(acc) @ A.to(acc).t()
+    y = torch.addmm(y_base.to(acc), s * lambda_s.to(acc), (B.to(acc) * lambda_o.to(acc)[:, None]).t())
+    return y.to(x.dtype), s
+
+
 def linear_forward(x, weight, bias, A, B, lambda_s, lambda_o):
-    """Returns (y, s): the layer output (T, out) and s = x A^T (T, r), the tensor saved for backward.
-    The vectors may be float32 beside half-precision x: they are used in x's dtype."""
-    lambda_s, lambda_o = lambda_s.to(x.dtype), lambda_o.to(x.dtype)
-    s = x @ A.t()
-    y = F.linear(x, weight, bias)
-    y = y.addmm(s * lambda_s, (B * lambda_o[:, None]).t())
-    return y, s
+    """Returns (y, s): the layer output (T, out) and s = x A^T (T, r), the tensor saved for backward
+    (in saved_s_dtype(x.dtype)). The vectors may be float32 beside half-precision x."""
+    return adapter_forward(x, F.linear(x, weight, bias), A, B, lambda_s, lambda_o)
 
 
 def linear_backward(grad_y, s, weight, A, B, lambda_s, lambda_o, output_mask=(True, True, True)):
@@ -31,17 +45,18 @@ def linear_backward(grad_y, s, weight, A, B, lambda_s, lambda_o, output_mask=(Tr
     """
     need_x, need_s, need_o = output_mask
     grad_x = grad_lambda_s = grad_lambda_o = None
-    vector_dtype = lambda_s.dtype  # the gradients' dtype; computed in grad_y's
-    lambda_s, lambda_o = lambda_s.to(grad_y.dtype), lambda_o.to(grad_y.dtype)
+    vector_dtype = lambda_s.dtype  # the gradients' dtype; computed in s's (grad_y's, or fp32 beside fp16)
     if need_x:
-        gb = grad_y @ (B * lambda_o[:, None])
-        grad_x = (grad_y @ weight).addmm(gb * lambda_s, A)
+        ls, lo = lambda_s.to(grad_y.dtype), lambda_o.to(grad_y.dtype)
+        gb = grad_y @ (B * lo[:, None])
+        grad_x = (grad_y @ weight).addmm(gb * ls, A)
     if need_s or need_o:
-        mb = (grad_y.t() @ s) * B
+        acc = s.dtype  # M = g^T s sums T products: in float32 beside float16, like s
+        mb = (grad_y.t().to(acc) @ s) * B.to(acc)
         if need_s:
-            grad_lambda_s = (mb.t() @ lambda_o).to(vector_dtype)
+            grad_lambda_s = (mb.t() @ lambda_o.to(acc)).to(vector_dtype)
         if need_o:
-            grad_lambda_o = (mb @ lambda_s).to(vector_dtype)
+            grad_lambda_o = (mb @ lambda_s.to(acc)).to(vector_dtype)
     return grad_x, grad_lambda_s, grad_lambda_o
 
 
@@ -78,7 +93,7 @@ def linear_backward_through_s(grad_y, grad_s, s, weight, A, B, lambda_s, lambda_
         grad_x, grad_lambda_s, grad_lambda_o = backward(grad_y, s, weight, A, B, lambda_s, lambda_o,
                                                         list(output_mask))
     if grad_s is not None and output_mask[0]:
-        through_s = grad_s @ A.to(grad_s.dtype)
+        through_s = (grad_s @ A.to(grad_s.dtype)).to(weight.dtype)  # s may be float32 beside x's dtype
         grad_x = through_s if grad_x is None else grad_x + through_s
     return grad_x, grad_lambda_s, grad_lambda_o
 

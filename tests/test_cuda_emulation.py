@@ -26,7 +26,8 @@ import torch
 
 from giva_ext import reference
 from test_adapters import op_args
-from test_ops_cuda import _args, _as, _assert_matches, _inputs
+from test_ops_cuda import (_args, _as, _assert_matches, _assert_starts_at_base, _inputs, _overflow_case,
+                           _saved_s)
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(
@@ -89,7 +90,7 @@ def _assert_forward(got, t, dtype):
     y_c, s_c = reference.linear_forward(*_args(t))
     y_64, s_64 = reference.linear_forward(*_args(_as(t, torch.float64)))
     _assert_matches(y, y_c, y_64, dtype, "y")
-    _assert_matches(s, s_c, s_64, dtype, "s")
+    _assert_matches(s, s_c, s_64, reference.saved_s_dtype(dtype), "s")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -103,7 +104,7 @@ def test_forward_matches_reference(emulated, shape, dtype, bias):
 def _backward_case(T, n_in, n_out, r, dtype, seed=1):
     t = _cpu_inputs(T, n_in, n_out, r, dtype=dtype, seed=seed)
     gy = torch.randn(T, n_out, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    s = t["x"] @ t["A"].t()  # the saved activation, as the forward returns it
+    s = _saved_s(t)  # the saved activation, as the forward returns it
     return gy, s, (t["weight"], t["A"], t["B"], t["lambda_s"], t["lambda_o"])
 
 
@@ -205,7 +206,7 @@ def test_fp16_lambda_gradients_past_fp16_range_of_M(emulated, r):
     T = 320
     t = _cpu_inputs(T, 64, 32, r, dtype=torch.float16, seed=2)
     gy = torch.ones(T, 32, dtype=torch.float16)
-    s = torch.full((T, r), 250.0, dtype=torch.float16)
+    s = torch.full((T, r), 250.0)  # fp32, as the forward saves it beside fp16
     t["B"] = (t["B"].float() * 1e-4).half()
     rest = (t["weight"], t["A"], t["B"], t["lambda_s"], t["lambda_o"])
     _, grad_s, grad_o = emulated.linear_backward(gy, s, *rest, [False, True, True])
@@ -214,6 +215,13 @@ def test_fp16_lambda_gradients_past_fp16_range_of_M(emulated, r):
     for name, got, want in (("grad_lambda_s", grad_s, want_s), ("grad_lambda_o", grad_o, want_o)):
         assert torch.isfinite(got).all(), name
         torch.testing.assert_close(got.double(), want, rtol=4e-3, atol=1e-2, msg=name)
+
+
+@pytest.mark.parametrize("r", [4, 16], ids=["fused", "cublas"])
+def test_fp16_s_past_fp16_range_starts_at_base(emulated, r):
+    """s = x A^T past fp16's range at lambda_o = 0: y is the frozen layer's, bit for bit (s in fp32)."""
+    t = _overflow_case(r, "cpu")
+    _assert_starts_at_base(emulated.linear_forward, emulated.linear_backward, t)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -292,6 +300,23 @@ def test_mixed_per_row_many_adapters(emulated, dtype):
     low = _lowered(args, dtype)
     _assert_matches(emulated.mixed_linear_per_row(*low), reference.mixed_linear(*low),
                     reference.mixed_linear(*args), dtype, "y")
+
+
+@pytest.mark.parametrize("order", ["scattered", "sorted"])
+@pytest.mark.parametrize("path", ["grouped", "per_row"])
+def test_mixed_fp16_s_past_fp16_range_starts_at_base(emulated, order, path):
+    """Two fp16 adapters whose s = x A^T passes fp16's range, at lambda_o = 0: every row gets the
+    frozen layer's output bit for bit (short runs gathered, long runs as views, or per row)."""
+    cases = [_overflow_case(r, "cpu", T=40) for r in (4, 16)]
+    t = cases[0]
+    ids = torch.arange(40) % 3 - 1  # -1, 0, 1, -1, ...
+    if order == "sorted":
+        ids = ids.sort().values
+    args = (t["x"], t["weight"], t["bias"], [c["A"] for c in cases], [c["B"] for c in cases],
+            [c["lambda_s"] for c in cases], [c["lambda_o"] for c in cases], ids)
+    base = torch.nn.functional.linear(t["x"], t["weight"], t["bias"])
+    assert torch.equal(getattr(emulated, f"mixed_linear_{path}")(*args), base)
+    assert torch.equal(reference.mixed_linear(*args), base)
 
 
 def test_mixed_path_choice(emulated):

@@ -1,6 +1,7 @@
 """Numerical faults: NaN and Inf in training (check_finite) and in init (named layer, nothing
 changed), rank-deficient gradients, and huge, tiny and swamping magnitudes in low precision against
 a float64 oracle."""
+import copy
 import warnings
 
 import pytest
@@ -304,3 +305,31 @@ def test_float16_cancellation_does_not_overflow():
         warnings.simplefilter("ignore")
         y = g.giva_linear(x, w, None, A, B, ls, lo)
     assert torch.equal(y, torch.full((1, 3), 2.0, dtype=torch.float16))  # 1 + (0.5 + 0.5)
+
+
+@pytest.mark.parametrize("options", [{}, {"input_scale": True}, {"dropout": 0.1}],
+                         ids=["fused", "input_scale", "dropout"])
+def test_float16_model_starts_at_the_pretrained_one_when_s_passes_its_range(options):
+    """An fp16 model after a real init_bases, with inputs of 3000 into 1024 features: the top basis
+    row takes s = x A^T to about 96000, past fp16's 65504, while the layer's output stays in range.
+    At lambda_o = 0 the adapted model gives the pretrained output bit for bit (s is kept in fp32;
+    inf * 0 used to give NaN) in the fused layer, with the input scale and with adapter dropout,
+    and a training step's vector gradients are finite."""
+    torch.manual_seed(0)
+    pretrained = nn.Sequential(nn.Linear(1024, 16)).half()
+    model = g.apply_giva(copy.deepcopy(pretrained),
+                         g.GiVAConfig(r=4, target_modules=["0"], init_mode="VrUr", **options))
+    x = (3000 * (1 + 0.1 * torch.randn(8, 1024))).half()
+
+    def loss_fn(m, batch):
+        return m(batch).float().pow(2).mean() * 1e-6
+
+    g.init_bases(model, [x], loss_fn, progress=False)
+    layer = g.giva_layers(model)["0"]
+    assert (x.float() @ layer.A.float().t()).abs().max() > torch.finfo(torch.float16).max
+    model.train()
+    with torch.no_grad():
+        assert torch.equal(model(x), pretrained(x))
+    loss_fn(model, x).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(gr is not None and torch.isfinite(gr).all() for gr in grads)

@@ -57,6 +57,12 @@ def _args(t):
     return t["x"], t["weight"], t["bias"], t["A"], t["B"], t["lambda_s"], t["lambda_o"]
 
 
+def _saved_s(t):
+    """s = x A^T as the forward saves it: in float32 beside float16 x, else in x's dtype."""
+    acc = reference.saved_s_dtype(t["x"].dtype)
+    return t["x"].to(acc) @ t["A"].to(acc).t()
+
+
 def _assert_matches(out, composite, ref64, dtype, what):
     """out vs ref64: tight in fp32, else at most 2x the same-precision composite's error."""
     assert out.dtype == dtype and out.shape == ref64.shape, what
@@ -84,7 +90,7 @@ def test_forward_matches_reference(shape, dtype, bias):
     y_c, s_c = reference.linear_forward(*_args(t))
     y_64, s_64 = reference.linear_forward(*_args(_as(t, torch.float64)))
     _assert_matches(y, y_c, y_64, dtype, "y")
-    _assert_matches(s, s_c, s_64, dtype, "s")
+    _assert_matches(s, s_c, s_64, reference.saved_s_dtype(dtype), "s")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -93,7 +99,7 @@ def test_backward_matches_reference(shape, dtype):
     T, _, n_out, r = shape
     t = _inputs(*shape, dtype, seed=1)
     gy = torch.randn(T, n_out, device="cuda").to(dtype)
-    s = t["x"] @ t["A"].t()  # the saved activation, as the forward returns it
+    s = _saved_s(t)  # the saved activation, as the forward returns it
     rest = (t["weight"], t["A"], t["B"], t["lambda_s"], t["lambda_o"])
     got = torch.ops.giva.linear_backward(gy, s, *rest, [True, True, True])
     composite = reference.linear_backward(gy, s, *rest)
@@ -110,7 +116,7 @@ def test_fp16_lambda_gradients_past_fp16_range_of_M(r):
     T, n_in, n_out = 4096, 64, 32
     t = _inputs(T, n_in, n_out, r, torch.float16, seed=2)
     gy = torch.ones(T, n_out, device="cuda", dtype=torch.float16)
-    s = torch.full((T, r), 20.0, device="cuda", dtype=torch.float16)
+    s = torch.full((T, r), 20.0, device="cuda")  # fp32, as the forward saves it beside fp16
     t["B"] = (t["B"].float() * 1e-3).half()
     rest = (t["weight"], t["A"], t["B"], t["lambda_s"], t["lambda_o"])
     _, grad_s, grad_o = torch.ops.giva.linear_backward(gy, s, *rest, [False, True, True])
@@ -121,11 +127,53 @@ def test_fp16_lambda_gradients_past_fp16_range_of_M(r):
         torch.testing.assert_close(got.double(), want, rtol=4e-3, atol=1e-2, msg=name)
 
 
+def _overflow_case(r, device, T=6):
+    """fp16 layer tensors where s = x A^T (about 3000 x 1024 / 32 = 96000) passes fp16's 65504
+    while the frozen layer's output stays in range, at lambda_o = 0 (as after init); the vectors
+    in fp32, as GiVALinear keeps them (their gradients, about 6e5, would not fit fp16 either)."""
+    g = torch.Generator().manual_seed(5)
+    n_in, n_out = 1024, 16
+    t = {"x": 3000 * (1 + 0.01 * torch.randn(T, n_in, generator=g)),
+         "weight": torch.randn(n_out, n_in, generator=g) * 1e-3,
+         "bias": torch.randn(n_out, generator=g),
+         "A": torch.full((r, n_in), 1 / 32),
+         "B": torch.randn(n_out, r, generator=g),
+         "lambda_s": torch.ones(r),
+         "lambda_o": torch.zeros(n_out)}
+    return {k: v.to(device, torch.float32 if k.startswith("lambda") else torch.float16)
+            for k, v in t.items()}
+
+
+def _assert_starts_at_base(forward, backward, t):
+    """The adapted layer at lambda_o = 0 gives the frozen layer's output bit for bit, s is finite
+    in fp32, and the backward is finite: grad lambda_s = 0 exactly, the rest as in float64."""
+    y, s = forward(*_args(t))
+    assert torch.equal(y, torch.nn.functional.linear(t["x"], t["weight"], t["bias"]))
+    assert s.dtype == torch.float32 and torch.isfinite(s).all()
+    s64 = t["x"].double() @ t["A"].double().t()
+    assert s64.abs().max() > torch.finfo(torch.float16).max  # the case overflows fp16
+    torch.testing.assert_close(s.double(), s64, rtol=1e-6, atol=0)
+    gy = torch.ones_like(y)
+    rest = (t["weight"], t["A"], t["B"], t["lambda_s"], t["lambda_o"])
+    grad_x, grad_s, grad_o = backward(gy, s, *rest, [True, True, True])
+    want_x, _, want_o = reference.linear_backward(gy.double(), s64, *(v.double() for v in rest))
+    assert torch.equal(grad_s, torch.zeros_like(grad_s))
+    for name, got, want in (("grad_x", grad_x, want_x), ("grad_lambda_o", grad_o, want_o)):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("r", [4, 16], ids=["fused", "cublas"])
+def test_fp16_s_past_fp16_range_starts_at_base(r):
+    t = _overflow_case(r, "cuda")
+    _assert_starts_at_base(torch.ops.giva.linear_forward, torch.ops.giva.linear_backward, t)
+
+
 @pytest.mark.parametrize("mask", list(itertools.product([False, True], repeat=3)), ids=str)
 def test_backward_output_mask(mask):
     t = _inputs(40, 48, 56, 6, torch.float32)
     gy = torch.randn(40, 56, device="cuda")
-    s = t["x"] @ t["A"].t()
+    s = _saved_s(t)
     rest = (t["weight"], t["A"], t["B"], t["lambda_s"], t["lambda_o"])
     full = torch.ops.giva.linear_backward(gy, s, *rest, [True, True, True])
     got = torch.ops.giva.linear_backward(gy, s, *rest, list(mask))
@@ -139,7 +187,7 @@ def test_backward_output_mask(mask):
 def test_backward_is_deterministic():
     t = _inputs(4099, 1032, 2056, 8, torch.bfloat16)
     gy = torch.randn(4099, 2056, device="cuda").bfloat16()
-    s = t["x"] @ t["A"].t()
+    s = _saved_s(t)
     args = (gy, s, t["weight"], t["A"], t["B"], t["lambda_s"], t["lambda_o"], [True, True, True])
     first = torch.ops.giva.linear_backward(*args)
     for _ in range(3):
@@ -222,7 +270,7 @@ def test_unaligned_bias_view():
 def test_opcheck(r):
     t = _inputs(24, 40, 32, r, torch.float32)
     torch.library.opcheck(torch.ops.giva.linear_forward.default, _args(t))
-    s = t["x"] @ t["A"].t()
+    s = _saved_s(t)
     gy = torch.randn(24, 32, device="cuda")
     rest = (t["weight"], t["A"], t["B"], t["lambda_s"], t["lambda_o"])
     for mask in ([True, True, True], [False, True, False], [True, False, False]):
@@ -271,7 +319,7 @@ def test_bad_forward_input_names_the_argument(name, break_it):
 def test_bad_backward_input_names_the_argument():
     t = _inputs(8, 16, 12, 4, torch.float32)
     gy = torch.randn(8, 12, device="cuda")
-    s = t["x"] @ t["A"].t()
+    s = _saved_s(t)
     rest = [t["weight"], t["A"], t["B"], t["lambda_s"], t["lambda_o"], [True, True, True]]
     with pytest.raises(RuntimeError, match=r"\bs\b"):
         torch.ops.giva.linear_backward(gy, s[:-1], *rest)
@@ -279,6 +327,10 @@ def test_bad_backward_input_names_the_argument():
         torch.ops.giva.linear_backward(gy, s, t["weight"].cpu(), *rest[1:])
     with pytest.raises(RuntimeError, match=r"\bgrad_y\b"):
         torch.ops.giva.linear_backward(gy.double(), s, *rest)
+    half = _inputs(8, 16, 12, 4, torch.float16)
+    with pytest.raises(RuntimeError, match=r"s must have dtype Float"):  # fp16 s beside fp16 grad_y
+        torch.ops.giva.linear_backward(gy.half(), _saved_s(half).half(), half["weight"], half["A"],
+                                       half["B"], half["lambda_s"], half["lambda_o"], [True, True, True])
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")

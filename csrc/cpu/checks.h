@@ -35,19 +35,27 @@ inline bool float32_beside(at::ScalarType t, at::ScalarType ref) {
   return t == at::kFloat && (ref == at::kHalf || ref == at::kBFloat16);
 }
 
-// t must be on ref's device, of ref's dtype (or float32 beside a half dtype, if float32_ok), with
-// shape `expected` (-1 = any size), described symbolically by `dims` (e.g. "(r, in)").
-inline void check_arg(const char* op, const char* name, const at::Tensor& t, const char* dims,
-                      std::initializer_list<int64_t> expected, const at::Tensor& ref,
-                      const char* ref_name, bool float32_ok = false) {
+// The dtype of s = x A^T, the activation linear_forward saves for backward: float32 beside float16
+// x, else x's dtype. s sums `in` products and can pass float16's 65504 where the layer's output
+// does not, and inf * lambda_o = 0 would make the output NaN (giva_ext.reference.saved_s_dtype).
+inline at::ScalarType saved_s_dtype(at::ScalarType x) {
+  return x == at::kHalf ? at::kFloat : x;
+}
+
+// t must be on `device`, of `dtype` (or float32 beside a half dtype, if float32_ok), with shape
+// `expected` (-1 = any size), described symbolically by `dims` (e.g. "(r, in)"); the errors say
+// where device and dtype come from (e.g. "the device of x", "the dtype of x").
+inline void check_arg_as(const char* op, const char* name, const at::Tensor& t, const char* dims,
+                         std::initializer_list<int64_t> expected, c10::Device device,
+                         const std::string& device_source, at::ScalarType dtype,
+                         const std::string& dtype_source, bool float32_ok = false) {
   TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on device ", ref.device(),
-              " (the device of ", ref_name, "), got ", t.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type() ||
-                  (float32_ok && float32_beside(t.scalar_type(), ref.scalar_type())),
-              op, ": ", name, " must have dtype ", ref.scalar_type(),
-              float32_ok && float32_beside(at::kFloat, ref.scalar_type()) ? " or Float" : "",
-              " (the dtype of ", ref_name, "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on device ", device, " (",
+              device_source, "), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype || (float32_ok && float32_beside(t.scalar_type(), dtype)),
+              op, ": ", name, " must have dtype ", dtype,
+              float32_ok && float32_beside(at::kFloat, dtype) ? " or Float" : "", " (",
+              dtype_source, "), got ", t.scalar_type());
   bool ok = t.dim() == static_cast<int64_t>(expected.size());
   for (size_t i = 0; ok && i < expected.size(); ++i) {
     const int64_t e = expected.begin()[i];
@@ -56,6 +64,14 @@ inline void check_arg(const char* op, const char* name, const at::Tensor& t, con
   TORCH_CHECK(ok, op, ": ", name, " must have shape ", dims, " = ",
               shape_str(c10::IntArrayRef(expected.begin(), expected.size())), ", got ",
               shape_str(t.sizes()));
+}
+
+// check_arg_as with ref's device and dtype.
+inline void check_arg(const char* op, const char* name, const at::Tensor& t, const char* dims,
+                      std::initializer_list<int64_t> expected, const at::Tensor& ref,
+                      const char* ref_name, bool float32_ok = false) {
+  check_arg_as(op, name, t, dims, expected, ref.device(), std::string("the device of ") + ref_name,
+               ref.scalar_type(), std::string("the dtype of ") + ref_name, float32_ok);
 }
 
 // The tensor that sets dtype and device for the others: device type and dtype must be supported.
@@ -107,7 +123,9 @@ inline void check_linear_backward(const at::Tensor& grad_y, const at::Tensor& s,
   const int64_t T = grad_y.size(0), out = grad_y.size(1);
   check_arg(op, "weight", weight, "(out, in)", {out, -1}, grad_y, "grad_y");
   const int64_t in = weight.size(1);
-  check_arg(op, "s", s, "(T, r)", {T, -1}, grad_y, "grad_y");
+  check_arg_as(op, "s", s, "(T, r)", {T, -1}, grad_y.device(), "the device of grad_y",
+               saved_s_dtype(grad_y.scalar_type()),
+               "what linear_forward saves for grad_y's dtype");
   const int64_t r = s.size(1);
   check_arg(op, "A", A, "(r, in)", {r, in}, grad_y, "grad_y");
   check_arg(op, "B", B, "(out, r)", {out, r}, grad_y, "grad_y");

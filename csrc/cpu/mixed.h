@@ -76,14 +76,30 @@ inline std::vector<std::vector<std::pair<int64_t, int64_t>>> group_rows(const at
 }
 
 // The vectors fold into the bases (docs/design.md §2), in fp32 for half types:
-// A_s = diag(lambda_s) A and B_o = diag(lambda_o) B, in x's dtype.
+// A_s = diag(lambda_s) A and B_o = diag(lambda_o) B, in saved_s_dtype of x's dtype (x's, or fp32
+// beside fp16, where s = x A^T can pass fp16's range: see adapter_rows).
 inline std::pair<at::Tensor, at::Tensor> folded_bases(const at::Tensor& A, const at::Tensor& B,
                                                       const at::Tensor& lambda_s,
                                                       const at::Tensor& lambda_o) {
-  const auto dtype = A.scalar_type();
+  const auto dtype = saved_s_dtype(A.scalar_type());
   const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   return {(A.to(acc) * lambda_s.to(acc).unsqueeze(1)).to(dtype),
           (B.to(acc) * lambda_o.to(acc).unsqueeze(1)).to(dtype)};
+}
+
+// y_rows = bias + (x_rows A_s^T) B_o^T, with the products in the folded bases' dtype (fp32 beside
+// fp16 x, then rounded once into y_rows: with lambda_o = 0 the rows get the bias exactly).
+inline void adapter_rows(const at::Tensor& x_rows, const at::Tensor& A_s, const at::Tensor& B_o,
+                         const std::optional<at::Tensor>& bias, at::Tensor y_rows) {
+  const auto acc = A_s.scalar_type();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const auto s = at::mm(x_rows.to(acc), A_s.t());
+  if (acc == y_rows.scalar_type()) {
+    if (has_bias) at::addmm_out(y_rows, *bias, s, B_o.t());
+    else at::mm_out(y_rows, s, B_o.t());
+  } else {
+    y_rows.copy_(has_bias ? at::addmm(bias->to(acc), s, B_o.t()) : at::mm(s, B_o.t()));
+  }
 }
 
 // Rows in short runs through a GEMM call per run would pay a call per run: the default gathers an
@@ -95,9 +111,8 @@ struct GatherRows {
                   const at::Tensor& lambda_o, const std::optional<at::Tensor>& bias) const {
     const auto [A_s, B_o] = folded_bases(A, B, lambda_s, lambda_o);
     const auto index = at::tensor(rows, at::kLong).to(xc.device());
-    const auto s = at::mm(xc.index_select(0, index), A_s.t());
-    const auto y_rows = bias.has_value() && bias->defined() ? at::addmm(*bias, s, B_o.t())
-                                                            : at::mm(s, B_o.t());
+    auto y_rows = at::empty({index.size(0), y.size(1)}, y.options());
+    adapter_rows(xc.index_select(0, index), A_s, B_o, bias, y_rows);
     y.index_copy_(0, index, y_rows);
   }
 };
@@ -142,10 +157,8 @@ at::Tensor mixed_linear_impl(const at::Tensor& x, const at::Tensor& weight,
         continue;
       }
       if (!A_s.defined()) std::tie(A_s, B_o) = folded_bases(A[i], B[i], lambda_s[i], lambda_o[i]);
-      const auto s = at::mm(xc.narrow(0, begin, end - begin), A_s.t());
-      auto y_rows = y.narrow(0, begin, end - begin);
-      if (has_bias) at::addmm_out(y_rows, *bias_opt, s, B_o.t());
-      else at::mm_out(y_rows, s, B_o.t());
+      adapter_rows(xc.narrow(0, begin, end - begin), A_s, B_o, bias_opt,
+                   y.narrow(0, begin, end - begin));
     }
     if (!short_run_rows.empty())
       short_rows(xc, y, short_run_rows, A[i], B[i], lambda_s[i], lambda_o[i], bias_opt);

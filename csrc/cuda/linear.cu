@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <type_traits>
 
 #include "../cpu/checks.h"
 #include "runtime.h"
@@ -44,6 +45,11 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kRowBatch = 4;   // rows a thin_kernel thread has in flight per buffer (two buffers)
 constexpr int kTileRows = kThreads / kRank;  // rows per expand tile: one thread stages one P value
 static_assert(kRank == 8, "warp_reduce_scatter8 assumes kRank == 8");
+
+// The element type of s = x A^T, which the forward saves for backward: float beside half (s can pass
+// its range; checks.h saved_s_dtype), else the data's type.
+template <typename T>
+using saved_s_t = std::conditional_t<std::is_same_v<T, c10::Half>, float, T>;
 
 // Each thread owns 16 bytes of a row: one vector access on the aligned path.
 template <typename T>
@@ -132,7 +138,7 @@ struct Factor {
 template <typename T, bool ALIGNED, bool WITH_M>
 __global__ void __launch_bounds__(kThreads, 1)
 thin_kernel(const T* __restrict__ X, int64_t ldx, int64_t rows, int64_t K, Factor<T> Q,
-            float* __restrict__ Ppart, const T* __restrict__ S, int64_t r,
+            float* __restrict__ Ppart, const saved_s_t<T>* __restrict__ S, int64_t r,
             float* __restrict__ Mpart, int64_t rows_per_group) {
   constexpr int N = vec_width<T>();
   __shared__ float red[kRowBatch][kWarps][kRank];
@@ -229,11 +235,12 @@ thin_kernel(const T* __restrict__ X, int64_t ldx, int64_t rows, int64_t K, Facto
 
 // C (rows, N) = bias + P F, with P = sum over nparts of Ppart (rows, kRank) and F a kRank x N
 // factor; the block's column slice of F and bias stay in registers while it walks row tiles.
-// With s_out, blocks of column tile 0 also write s_out = P[:, :r] in C's dtype.
+// With s_out, blocks of column tile 0 also write s_out = P[:, :r] (saved_s_t: fp32 beside fp16).
 template <typename T, bool ALIGNED>
 __global__ void __launch_bounds__(kThreads)
 expand_kernel(const float* __restrict__ Ppart, int64_t nparts, int64_t rows, Factor<T> F,
-              const T* __restrict__ bias, int64_t N, T* __restrict__ C, T* __restrict__ s_out,
+              const T* __restrict__ bias, int64_t N, T* __restrict__ C,
+              saved_s_t<T>* __restrict__ s_out,
               int64_t r) {
   constexpr int V = vec_width<T>();
   __shared__ float P[kTileRows][kRank];
@@ -257,7 +264,7 @@ expand_kernel(const float* __restrict__ Ppart, int64_t nparts, int64_t rows, Fac
       float v = 0.f;
       if (t < rows) {
         for (int64_t p = 0; p < nparts; ++p) v += Ppart[(p * rows + t) * kRank + j];
-        if (s_out && blockIdx.x == 0 && j < r) s_out[t * r + j] = static_cast<T>(v);
+        if (s_out && blockIdx.x == 0 && j < r) s_out[t * r + j] = static_cast<saved_s_t<T>>(v);
       }
       P[i][j] = v;
     }
@@ -366,7 +373,7 @@ ThinOut thin_products(const at::Tensor& X, const Factor<T>& Q, bool want_p, cons
   if (with_m) Mpart = at::empty({groups, K, kRank}, f32);
   launch(kernel, dim3(static_cast<unsigned>(ncol), static_cast<unsigned>(groups)), kThreads,
          X.data_ptr<T>(), ldx, rows, K, Q, want_p ? res.Ppart.data_ptr<float>() : nullptr,
-         with_m ? S.data_ptr<T>() : nullptr, with_m ? S.size(1) : 0,
+         with_m ? S.data_ptr<saved_s_t<T>>() : nullptr, with_m ? S.size(1) : 0,
          with_m ? Mpart.data_ptr<float>() : nullptr, rows_per_group);
   if (with_m) res.M = Mpart.sum(0);
   return res;
@@ -393,7 +400,8 @@ at::Tensor expand(const at::Tensor& Ppart, int64_t rows, const Factor<T>& F, con
               " column blocks, above the CUDA grid limit of 2^31 - 1");
   launch(kernel, dim3(static_cast<unsigned>(ncol), static_cast<unsigned>(grid_y)), kThreads,
          Ppart.data_ptr<float>(), Ppart.size(0), rows, F, bias_ptr, N, C.data_ptr<T>(),
-         s_out.defined() ? s_out.data_ptr<T>() : nullptr, s_out.defined() ? s_out.size(1) : 0);
+         s_out.defined() ? s_out.data_ptr<saved_s_t<T>>() : nullptr,
+         s_out.defined() ? s_out.size(1) : 0);
   return C;
 }
 
@@ -418,9 +426,12 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(
   const at::Tensor bias =
       bias_opt.has_value() && bias_opt->defined() ? bias_opt->contiguous() : at::Tensor();
 
+  // s and, above rank 8, the rank-r product in fp32 beside fp16: x A^T can pass fp16's range
+  // where y does not, and inf * lambda_o = 0 would make y NaN.
+  const auto s_dtype = saved_s_dtype(x.scalar_type());
   at::Tensor y, s;
   if (r <= kRank) {
-    s = at::empty({T, r}, x.options());
+    s = at::empty({T, r}, x.options().dtype(s_dtype));
     AT_DISPATCH_SWITCH(x.scalar_type(), "giva_forward", GIVA_DISPATCH_CASES([&] {
       const auto shrink = thin_products<scalar_t>(
           x, make_factor<scalar_t>(A, in, 1, r, {}, {}), /*want_p=*/true, at::Tensor());
@@ -429,11 +440,12 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(
                            bias, out, x.options(), s);
     }));
   } else {
-    s = at::mm(x, A.t());
-    // (l_o * B * l_s)^T folded in fp32 and rounded once to x's dtype (out x r, small)
-    const auto B_folded =
-        (B.to(at::kFloat) * lambda_o.unsqueeze(1) * lambda_s).to(x.scalar_type());
-    y = bias.defined() ? at::addmm(bias, s, B_folded.t()) : at::mm(s, B_folded.t());
+    // (fp16 x is converted for this: a (T, in) fp32 copy, only on this path)
+    s = at::mm(x.to(s_dtype), A.to(s_dtype).t());
+    // (l_o * B * l_s)^T folded in fp32 and rounded once to s's dtype (out x r, small)
+    const auto B_folded = (B.to(at::kFloat) * lambda_o.unsqueeze(1) * lambda_s).to(s_dtype);
+    y = (bias.defined() ? at::addmm(bias.to(s_dtype), s, B_folded.t()) : at::mm(s, B_folded.t()))
+            .to(x.scalar_type());
   }
   y.addmm_(x, weight.t());
   return {y, s};
@@ -491,11 +503,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
       grad_x = at::mm(u, (A.to(at::kFloat) * lambda_s.unsqueeze(1)).to(dtype));
     }
     if (need_lambda) {
-      // M in g's dtype, as the same-precision composite computes it, except in fp16: M sums T
-      // products and can pass fp16's 65504 (the rank <= 8 kernel keeps M in fp32 throughout).
-      // The lambda sums run in fp32.
-      const auto M = dtype == at::kHalf ? at::mm(g.t().to(at::kFloat), s.to(at::kFloat))
-                                        : at::mm(g.t(), s).to(at::kFloat);
+      // M in s's dtype, as the reference computes it: g's, or fp32 beside fp16 (M sums T products
+      // and can pass fp16's 65504; the rank <= 8 kernel keeps M in fp32 throughout). The lambda
+      // sums run in fp32.
+      const auto M = at::mm(g.t().to(s.scalar_type()), s).to(at::kFloat);
       const auto MB = M * B.to(at::kFloat);
       if (need_s) grad_s = MB.t().mv(lambda_o);
       if (need_o) grad_o = MB.mv(lambda_s);
