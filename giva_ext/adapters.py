@@ -2,9 +2,10 @@
 
 A model from ``apply_giva`` holds one adapter, "default" unless named otherwise. ``add_adapter``
 adds more, each with its own config (rank, targets, init mode); ``init_bases``, ``save_adapter``,
-training and merging act on the active adapter. The registry lives on the model:
-``model.giva_adapters`` (name -> config, in the order that defines adapter ids) and
-``model.giva_active_adapter``.
+training and merging act on the active adapter. The registry lives on the module apply_giva adapted:
+``giva_adapters`` (name -> config, in the order that defines adapter ids) and
+``giva_active_adapter``; every function here also takes a module that contains it (see
+``giva_ext.model.adapted_module``).
 """
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ from torch import nn
 
 from .config import GiVAConfig
 from .layer import PER_THREAD, GiVALinear, UnknownAdapterError, check_adapter_name
-from .model import (_check_targets, _replace, activate, chunks_for, find_targets, get_config,
-                    register_adapter, wrapped_layers)
+from .model import (REGISTRY, _check_targets, _replace, activate, adapted_module, chunks_for,
+                    find_targets, get_config, register_adapter, wrapped_layers)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
     """The model's adapters in id order (the order they were added)."""
-    configs = getattr(model, "giva_adapters", None)
+    configs = vars(adapted_module(model)).get(REGISTRY)
     if configs:
         return list(configs)
     names = {}
@@ -33,8 +34,9 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 def active_adapter(model: nn.Module) -> str | None:
     """The name of the active adapter, or None when adapters are disabled."""
-    if hasattr(model, "giva_active_adapter"):
-        return model.giva_active_adapter
+    owner = adapted_module(model)
+    if REGISTRY in vars(owner):
+        return owner.giva_active_adapter
     active = {layer.active_adapter for layer in wrapped_layers(model).values()} - {None}
     return active.pop() if len(active) == 1 else None
 
@@ -55,7 +57,8 @@ def add_adapter(model: nn.Module, name: str, config: GiVAConfig) -> nn.Module:
     if not isinstance(config, GiVAConfig):
         raise TypeError(f"config must be a GiVAConfig, got {type(config).__name__}")
     check_adapter_name(name)
-    configs = getattr(model, "giva_adapters", None)
+    outer, model = model, adapted_module(model)  # targets are named relative to the adapted module
+    configs = vars(model).get(REGISTRY)
     if not configs:
         raise ValueError("model has no GiVA adapter yet; apply_giva(model, config, name) adds the first")
     if name in configs:
@@ -84,7 +87,7 @@ def add_adapter(model: nn.Module, name: str, config: GiVAConfig) -> nn.Module:
                                                            config.input_scale))
     register_adapter(model, name, config)
     activate(model, active)  # new layers start bare unless ``name`` is active; flags follow
-    return model
+    return outer
 
 
 def set_adapter(model: nn.Module, name: str | None) -> nn.Module:
@@ -116,6 +119,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     """Remove adapter ``name``. Layers left without an adapter become their plain base layers again;
     deleting the active adapter leaves the model with none active (``set_adapter`` picks another)."""
     _check_known(model, name)
+    outer, model = model, adapted_module(model)
     layers = wrapped_layers(model)
     merged = [n for n, layer in layers.items() if layer.merged and layer.active_adapter == name]
     if merged:
@@ -125,11 +129,11 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
             layer.delete_adapter(name)
         if not layer.adapters:
             _replace(model, layer_name, layer.base)
-    if hasattr(model, "giva_adapters"):
+    if REGISTRY in vars(model):
         del model.giva_adapters[name]
         if model.giva_active_adapter == name:
             activate(model, None)
-    return model
+    return outer
 
 
 def _row_ids(model: nn.Module, adapters, names: list[str], device: torch.device) -> torch.Tensor:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .checks import maybe_non_finite
 from .config import INIT_MODES
 from .layer import GiVALinear, block_bases, random_orthonormal
-from .model import check_unmerged, get_config, giva_layers
+from .model import adapted_module, check_unmerged, get_config, giva_layers
 from .precondition import PRECONDITIONERS, FeatureScales
 from .rsvd import GradientSketch, randomized_svd
 from .serialization import (_atomic_write, check_fingerprint_schema, pack, read_regular_file, unpack,
@@ -506,10 +506,12 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
     """Set every GiVA layer's bases from the loss gradient at the current (pretrained) weights.
 
     Runs ``num_batches`` (default: config.grad_batches) batches from ``batches`` (a warning says
-    so when a list or tuple holds more and num_batches was not given) with the adapters at zero and sets A, B from the truncated SVD of each target's mean gradient G = dL/dW, as the
-    init mode says (default: config.init_mode; "random" needs no batches). The loss is
-    ``loss_fn(model, batch)`` or the model's own ``.loss``. Finally lambda_s = 1, lambda_o = 0
-    (and lambda_i = 1).
+    so when a list or tuple holds more and num_batches was not given) with the adapters at zero
+    and sets A, B from the truncated SVD of each target's mean gradient G = dL/dW, as the init mode
+    says (default: config.init_mode; "random" needs no batches). The loss is
+    ``loss_fn(model, batch)`` or the model's own ``.loss``, so ``model`` may be a head or wrapper
+    around the module apply_giva adapted (whose layer names the result and the cache use).
+    Finally lambda_s = 1, lambda_o = 0 (and lambda_i = 1).
 
     ``precondition`` (default: config.precondition): "none" takes the SVD of G, "rms" of
     D_g^-1 G D_x^-1, each input feature and each output-gradient feature divided by its RMS over
@@ -545,8 +547,10 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
     a fused layer (chunks > 1) maps to a
     (chunks, ...) tensor. A per-layer summary (rank used, spectrum decay) is logged at INFO level.
     """
+    # The layers of the adapted module (named as in its adapter files and cache), the loss from
+    # ``model``, which may be a head or wrapper around it.
     config = get_config(model)
-    layers = giva_layers(model)
+    layers = giva_layers(adapted_module(model))
     if init_mode is not None and init_mode not in INIT_MODES:
         raise ValueError(f"init_mode must be one of {INIT_MODES} (or None for the config's), got {init_mode!r}")
     if num_batches is not None and (not isinstance(num_batches, int) or isinstance(num_batches, bool)

@@ -27,7 +27,8 @@ from torch import nn
 
 from .config import GiVAConfig
 from .layer import linear_shape
-from .model import _modules_to_save, apply_giva, check_unmerged, find_targets, get_config, giva_layers
+from .model import (_modules_to_save, adapted_module, apply_giva, check_unmerged, find_targets, get_config,
+                    giva_layers)
 from .serialization import (CONFIG_NAME, WEIGHTS_NAME, _atomic_write, check_finite_tensors, json_loads,
                             read_regular_file)
 
@@ -50,7 +51,9 @@ def export_lora(model: nn.Module, path: str | os.PathLike) -> Path:
     targets set fan_in_fan_out=True; in a model that mixes Conv1D and nn.Linear targets, PEFT sets
     the flag per layer (with a warning). A fused layer (fused_chunks n) exports as rank n * r via
     rank_pattern. modules_to_save are written as PEFT writes them. The model must not be merged.
+    Names are relative to the adapted module (see adapted_module), the model PEFT loads it onto.
     """
+    model = adapted_module(model)
     config = get_config(model)
     layers = giva_layers(model)
     check_unmerged(layers, "export_lora (a LoRA adapter is the unmerged update)")

@@ -98,15 +98,12 @@ def find_targets(model: nn.Module, config: GiVAConfig) -> dict[str, nn.Module]:
     return chosen
 
 
-def wrapped_layers(model: nn.Module) -> dict[str, GiVALinear]:
-    """Every GiVALinear in the model, by qualified name, whatever adapters it holds, in the order
-    of model.named_modules(). The walk does not enter a GiVALinear (its base and adapters hold no
-    other): with many adapters per layer those are most of the modules, and this runs on every
-    mixed_adapters block and API call."""
-    if isinstance(model, GiVALinear):
-        return {"": model}
-    found: dict[str, GiVALinear] = {}
-    seen: set[int] = set()  # a module reachable twice is listed once, as named_modules does
+def _modules_outside_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) for ``model`` ("") and every module reachable from it without
+    entering a GiVALinear (its base and adapters hold no other: with many adapters per layer those
+    are most of the modules), each once, in the order of model.named_modules()."""
+    found = [("", model)]
+    seen = {id(model)}
 
     def walk(module: nn.Module, prefix: str) -> None:
         for name, child in module._modules.items():
@@ -114,13 +111,40 @@ def wrapped_layers(model: nn.Module) -> dict[str, GiVALinear]:
                 continue
             seen.add(id(child))
             qualified = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, GiVALinear):
-                found[qualified] = child
-            else:
+            found.append((qualified, child))
+            if not isinstance(child, GiVALinear):
                 walk(child, qualified)
 
-    walk(model, "")
+    if not isinstance(model, GiVALinear):
+        walk(model, "")
     return found
+
+
+def wrapped_layers(model: nn.Module) -> dict[str, GiVALinear]:
+    """Every GiVALinear in the model, by qualified name, whatever adapters it holds, in the order
+    of model.named_modules(). Runs on every mixed_adapters block and API call, so the walk skips
+    what GiVALinear layers hold."""
+    return {name: m for name, m in _modules_outside_layers(model) if isinstance(m, GiVALinear)}
+
+
+# The attribute apply_giva sets on the module it adapts: adapter name -> config.
+REGISTRY = "giva_adapters"
+
+
+def adapted_module(model: nn.Module) -> nn.Module:
+    """The module apply_giva adapted, which holds the adapter registry: ``model`` itself, or the one
+    module inside it that does (an adapted encoder under a custom head, DistributedDataParallel's
+    ``.module``, torch.compile's ``._orig_mod``). ``model`` itself when none does (standalone
+    GiVALinear layers, or a plain model). Layer and head names in configs and adapter files are
+    relative to it, whichever enclosing module the caller passes."""
+    if REGISTRY in vars(model):
+        return model
+    owners = {name: m for name, m in _modules_outside_layers(model) if REGISTRY in vars(m)}
+    if len(owners) > 1:
+        raise ValueError(f"the model holds {len(owners)} separately adapted modules "
+                         f"({', '.join(repr(n) for n in owners)}), each with its own adapters; "
+                         "pass the one to act on")
+    return next(iter(owners.values()), model)
 
 
 def giva_layers(model: nn.Module, adapter: str | None = None) -> dict[str, GiVALinear]:
@@ -133,8 +157,9 @@ def giva_layers(model: nn.Module, adapter: str | None = None) -> dict[str, GiVAL
 
 
 def get_config(model: nn.Module) -> GiVAConfig:
-    """The config of the model's active adapter."""
-    configs = getattr(model, "giva_adapters", None)
+    """The config of the model's active adapter (of its adapted module: see adapted_module)."""
+    model = adapted_module(model)
+    configs = vars(model).get(REGISTRY)
     if not configs:
         raise ValueError("model has no GiVA adapter; call apply_giva(model, config) first")
     active = model.giva_active_adapter
@@ -146,7 +171,7 @@ def get_config(model: nn.Module) -> GiVAConfig:
 
 def register_adapter(model: nn.Module, name: str, config: GiVAConfig) -> None:
     """Record ``config`` as adapter ``name``'s in the model's registry (insertion order = ids)."""
-    if not hasattr(model, "giva_adapters"):
+    if REGISTRY not in vars(model):
         model.giva_adapters = {}
         model.giva_active_adapter = None
     model.giva_adapters[name] = config
@@ -156,17 +181,19 @@ def register_adapter(model: nn.Module, name: str, config: GiVAConfig) -> None:
 
 def activate(model: nn.Module, name: str | None) -> None:
     """Make ``name`` the active adapter of every layer holding it (the others run bare), with only
-    its vectors requiring grad; None disables them all. ``model.giva_config`` follows."""
+    its vectors requiring grad; None disables them all. The adapted module's ``giva_config``
+    follows."""
     layers = wrapped_layers(model)
+    model = adapted_module(model)
     merged = [n for n, layer in layers.items() if layer.merged]
-    if merged and name != getattr(model, "giva_active_adapter", name):
+    if merged and name != vars(model).get("giva_active_adapter", name):
         raise RuntimeError(f"GiVA layer {merged[0]!r} is merged; unmerge the model before switching adapters")
     for layer in layers.values():
         layer.set_adapter(name if name in layer.adapters else None)
         for adapter_name, adapter in layer.adapters.items():
             for vector in adapter.vectors():
                 vector.requires_grad_(adapter_name == name)
-    if hasattr(model, "giva_adapters"):
+    if REGISTRY in vars(model):
         model.giva_active_adapter = name
         model.giva_config = model.giva_adapters[name] if name is not None else None
 
@@ -293,7 +320,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if not layer.merged and layer.active_adapter is not None:
             layer.merge(keep_fingerprint=False)
         _replace(model, name, layer.base)
-    for attr in ("giva_config", "giva_adapters", "giva_active_adapter"):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    owner = adapted_module(model)
+    for attr in ("giva_config", REGISTRY, "giva_active_adapter"):
+        if attr in vars(owner):
+            delattr(owner, attr)
     return model

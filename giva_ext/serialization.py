@@ -32,8 +32,8 @@ from torch import nn
 from .adapters import active_adapter, add_adapter, adapter_names, set_adapter
 from .config import GiVAConfig
 from .layer import GiVALinear, UnknownAdapterError, check_adapter_name, linear_shape, weight_digests
-from .model import (_modules_to_save, apply_giva, check_unmerged, chunks_for, find_targets, get_config,
-                    giva_layers, register_adapter, wrapped_layers)
+from .model import (REGISTRY, _modules_to_save, adapted_module, apply_giva, check_unmerged, chunks_for,
+                    find_targets, get_config, giva_layers, register_adapter, wrapped_layers)
 from .version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -213,7 +213,7 @@ def _adapter_config(model: nn.Module, adapter_name: str | None) -> tuple[str | N
     """(name, config) of adapter ``adapter_name``, or of the active adapter when it is None."""
     if adapter_name is None:
         return active_adapter(model), get_config(model)
-    configs = getattr(model, "giva_adapters", None) or {}
+    configs = vars(model).get(REGISTRY) or {}
     if adapter_name not in configs:
         raise UnknownAdapterError(f"the model has no adapter named {adapter_name!r}; it has {list(configs)}")
     return adapter_name, configs[adapter_name]
@@ -231,6 +231,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
 
 def _adapter_files(model: nn.Module, adapter_name: str | None, path) -> tuple[bytes, str]:
     """The two files of an adapter (safetensors bytes, config text), every check done."""
+    model = adapted_module(model)  # names in the file are relative to it
     adapter_name, config = _adapter_config(model, adapter_name)
     layers = giva_layers(model, adapter_name)
     check_unmerged(wrapped_layers(model), "saving (the fingerprint must describe the pretrained weights)")
@@ -413,9 +414,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     header schema, fingerprint, every tensor's name, shape and finiteness); on any error the model
     is left exactly as it was, and the error names the file and what is wrong (a ValueError for a
     damaged or unsuitable file). adapter_config.json is only compared with the header: a
-    RuntimeWarning says if it is unreadable or differs.
+    RuntimeWarning says if it is unreadable or differs. On a module that contains an adapted one
+    (see adapted_module), the adapter goes into that one.
     """
     file = Path(path) / WEIGHTS_NAME
+    outer, model = model, adapted_module(model)
     try:
         if adapter_name is not None:
             check_adapter_name(adapter_name)
@@ -461,7 +464,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
             k for k in (ValueError, TypeError, RuntimeError) if isinstance(exc, k))
         raise kind(f"{file}: {exc}") from exc
     _check_config_file(file.parent / CONFIG_NAME, text)
-    return model
+    return outer
 
 
 INDEX_NAME = "adapters.json"
@@ -471,6 +474,7 @@ def save_adapters(model: nn.Module, folder: str | os.PathLike) -> Path:
     """Save every adapter of ``model`` into ``folder/<name>/`` (each as save_adapter writes it, each
     atomic) and ``folder/adapters.json``: the names in id order and the active one."""
     folder = Path(folder)
+    model = adapted_module(model)
     names = adapter_names(model)
     if not names:
         raise ValueError("model has no GiVA adapter; call apply_giva(model, config) first")
@@ -496,10 +500,11 @@ def load_adapters(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
             check_adapter_name(name)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{file}: not a readable adapter index ({type(exc).__name__}: {exc})") from exc
+    outer, model = model, adapted_module(model)
     overwritten = [getattr(a, f) for layer in wrapped_layers(model).values()
                    for a in layer.adapters.values() for f in a.tensor_names]
     with _unchanged_on_error(model, overwritten):
         for name in names:
             load_adapter(model, folder / name, name)
         set_adapter(model, active)
-    return model
+    return outer

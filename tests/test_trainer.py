@@ -81,3 +81,19 @@ def test_callback_refuses_a_model_without_giva(tmp_path):
     model, _ = tiny("bert")
     with pytest.raises(ValueError, match="no GiVA adapter"):
         trainer_for(model, tmp_path, 1, GiVAInitCallback(progress=False)).train()
+
+
+def test_callback_on_a_model_whose_encoder_alone_is_adapted(tmp_path):
+    """apply_giva(model.bert) and the Trainer on the whole model: the callback inits through the
+    classification head and checkpoints the encoder's adapter, which loads onto a fresh encoder."""
+    model, _ = tiny("bert")
+    g.apply_giva(model.bert, g.GiVAConfig(r=2))
+    random_A = model.bert.encoder.layer[0].attention.self.query.A.clone()
+    callback = GiVAInitCallback(progress=False)
+    trainer_for(model, tmp_path, 3, callback).train()
+    assert callback.initialised
+    assert not torch.equal(model.bert.encoder.layer[0].attention.self.query.A, random_A)
+    fresh, _ = tiny("bert")
+    g.load_adapter(fresh.bert, tmp_path / "checkpoint-3" / ADAPTER_DIR)
+    for name, layer in g.giva_layers(fresh.bert).items():
+        assert torch.equal(layer.lambda_o, g.giva_layers(model.bert)[name].lambda_o), name
