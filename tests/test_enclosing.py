@@ -85,6 +85,9 @@ def test_every_registry_function_works_through_the_enclosing_model(tmp_path):
     model = _randomized(adapted())
     assert adapted_module(model) is model.encoder
     assert g.adapter_names(model) == ["default"] and g.active_adapter(model) == "default"
+    vectors = sum(layer.r + layer.out_features for layer in g.giva_layers(model.encoder).values())
+    head = sum(p.numel() for p in model.head.parameters())  # outside the adapted module: still trains
+    assert g.trainable_parameters(model).trainable == vectors + head
     g.save_adapter(model, tmp_path / "outer")
     g.save_adapter(model.encoder, tmp_path / "inner")
     assert (tmp_path / "outer" / WEIGHTS_NAME).read_bytes() == (tmp_path / "inner" / WEIGHTS_NAME).read_bytes()
