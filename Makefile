@@ -28,7 +28,7 @@ demo: $(VENV)/.installed
 # and .png; `bench-smoke` runs the accuracy benchmark at its quick size (one method of each kind,
 # 2 seeds), every suite case once (quick size, no timing) and renders that JSON, then the
 # standalone scripts once on tiny shapes in float32 and bfloat16 (gpu_check.sh runs them in half
-# precision).
+# precision) and the all-reduce volume count (two gloo processes on MiniLM, about 20 s).
 BENCH_DEVICE ?= cpu
 BENCH_OUT := bench/results/suite_$(BENCH_DEVICE)
 SMOKE_OUT := build/bench-smoke/suite
@@ -58,6 +58,7 @@ bench-smoke: $(VENV)/.installed
 		$(BIN)/python bench/mixed_adapters.py --dtype $$dtype --sequences 4 --seq-len 8 --adapters 3 \
 			--dims 64 --reps 1 --warmup 0 --json $(dir $(SMOKE_OUT))mixed_adapters_$$dtype.json || exit 1; \
 	done
+	$(BIN)/python bench/allreduce_volume.py --json $(dir $(SMOKE_OUT))allreduce.json
 
 # The native-op tests against the CPU ops built with AddressSanitizer + UBSan (in a temporary copy).
 asan: $(VENV)/.installed

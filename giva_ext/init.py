@@ -476,9 +476,13 @@ def _warn_rank_deficient(deficient: list, mode: str, count: int) -> None:
         "layer's singular values.")
 
 
-def _warn_at_caller(message: str) -> None:
+def _warn_at_caller(message: str, every_process: bool = False) -> None:
     """A RuntimeWarning that points at the user's code: the first frame outside giva_ext and the
-    libraries that call into it (transformers' Trainer running the init callback, accelerate)."""
+    libraries that call into it (transformers' Trainer running the init callback, accelerate).
+    Under torch.distributed only process 0 warns about what all processes share (the summed
+    gradient); ``every_process`` for what is each process's own (its batches)."""
+    if not every_process and _dist_rank_world()[0] != 0:
+        return
     frame, level = sys._getframe(1), 2
     while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _INTERNAL_PACKAGES:
         frame, level = frame.f_back, level + 1
@@ -588,7 +592,7 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
                 and len(batches) > count):
             _warn_at_caller(f"init_bases: using the first {count} of the {len(batches)} batches given "
                             f"(the config's grad_batches is {count}); pass num_batches={len(batches)} "
-                            "to average the gradient over all of them")
+                            "to average the gradient over all of them", every_process=True)
         for u in units:
             u.acc = _make_accumulator(u, layers[u.layer], svd, passes, oversample, config.seed,
                                       generator, niter)
