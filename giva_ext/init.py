@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checks import maybe_non_finite
+from .distributed import check_not_sharded, rank_and_world
 from .config import INIT_MODES
 from .layer import GiVALinear, block_bases, random_orthonormal
 from .model import adapted_module, check_unmerged, get_config, giva_layers
@@ -160,12 +161,6 @@ def _make_accumulator(unit: _Unit, layer: GiVALinear, svd: str, passes: int, ove
         return GradientSketch(unit.name, out, n_in, k, passes, seed, device, dtype)
     return DenseGradient(out, n_in, unit.needed, 8 if oversample is None else oversample, device,
                          generator, niter)
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _all_reduce_sum(tensors: list[torch.Tensor], op=dist.ReduceOp.SUM) -> None:
@@ -481,7 +476,7 @@ def _warn_at_caller(message: str, every_process: bool = False) -> None:
     libraries that call into it (transformers' Trainer running the init callback, accelerate).
     Under torch.distributed only process 0 warns about what all processes share (the summed
     gradient); ``every_process`` for what is each process's own (its batches)."""
-    if not every_process and _dist_rank_world()[0] != 0:
+    if not every_process and rank_and_world()[0] != 0:
         return
     frame, level = sys._getframe(1), 2
     while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _INTERNAL_PACKAGES:
@@ -580,9 +575,10 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
         raise ValueError(f"passes={passes} runs the batches {passes} times, but batches is a one-shot "
                          f"iterator ({type(batches).__name__}); pass a list or a DataLoader")
     check_unmerged(layers, "init_bases")
+    check_not_sharded(layers, "call init_bases")
     units = _units(layers, mode)
     generator = torch.Generator().manual_seed(config.seed)
-    rank, world = _dist_rank_world()
+    rank, world = rank_and_world()
     results: dict[str, tuple] = {}
     if mode == "random":
         results = {u.name: _random_unit_bases(u, layers[u.layer].in_features, generator) for u in units}

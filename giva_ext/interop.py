@@ -26,6 +26,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from .config import GiVAConfig
+from .distributed import gathered, writes_here
 from .layer import linear_shape
 from .model import (_modules_to_save, adapted_module, apply_giva, check_unmerged, find_targets, get_config,
                     giva_layers)
@@ -52,6 +53,7 @@ def export_lora(model: nn.Module, path: str | os.PathLike) -> Path:
     the flag per layer (with a warning). A fused layer (fused_chunks n) exports as rank n * r via
     rank_pattern. modules_to_save are written as PEFT writes them. The model must not be merged.
     Names are relative to the adapted module (see adapted_module), the model PEFT loads it onto.
+    Under FSDP2 (fully_shard) every process calls it: the shards are gathered, process 0 writes.
     """
     model = adapted_module(model)
     config = get_config(model)
@@ -60,16 +62,16 @@ def export_lora(model: nn.Module, path: str | os.PathLike) -> Path:
     tensors = {}
     for name, layer in layers.items():
         # Scaled in fp32 and stored in the vectors' dtype, like delta_weight.
-        lambda_s, lambda_o = layer.lambda_s.detach().float(), layer.lambda_o.detach().float()
+        lambda_s, lambda_o = (gathered(v).detach().float() for v in (layer.lambda_s, layer.lambda_o))
         lora_A = layer.A.detach().float() * lambda_s[:, None]
         if layer.lambda_i is not None:
-            lora_A = lora_A * layer.lambda_i.detach().float()
+            lora_A = lora_A * gathered(layer.lambda_i).detach().float()
         lora_B = layer.B.detach().float() * lambda_o[:, None]
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_A.to(layer.lambda_s.dtype).cpu().contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_B.to(layer.lambda_o.dtype).cpu().contiguous()
     for mname, module in _modules_to_save(model, config).items():
         for key, value in module.state_dict().items():
-            tensors[f"{PEFT_PREFIX}{mname}.{key}"] = value.detach().cpu().contiguous().clone()
+            tensors[f"{PEFT_PREFIX}{mname}.{key}"] = gathered(value).detach().cpu().contiguous().clone()
     check_finite_tensors(tensors)  # as save_adapter: a NaN written out would only surface in PEFT
     ranks = {name: layer.r for name, layer in layers.items()}
     pattern = _lora_rank_pattern(ranks, config.r)
@@ -83,6 +85,8 @@ def export_lora(model: nn.Module, path: str | os.PathLike) -> Path:
         "inference_mode": True,
     }
     folder = Path(path)
+    if not writes_here(model):  # FSDP2: every process gathered the shards, process 0 writes
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / WEIGHTS_NAME, save_safetensors_bytes(tensors))
     _atomic_write(folder / CONFIG_NAME, (json.dumps(lora_config, indent=2) + "\n").encode())

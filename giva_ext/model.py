@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .config import GiVAConfig
+from .distributed import check_not_sharded
 from .layer import GiVALinear, check_adapter_name, check_rank, linear_shape
 
 # Leaf names of output heads that "all-linear" never adapts (besides get_output_embeddings()).
@@ -292,6 +293,7 @@ def _set_merged(model: nn.Module, merged: bool) -> nn.Module:
     if not layers:
         raise ValueError("model has no GiVA layers" if not wrapped_layers(model) else
                          "no adapter of the model is active (set_adapter(model, name) activates one)")
+    check_not_sharded(layers, "merge" if merged else "unmerge")
     for name, layer in layers.items():
         if layer.merged == merged:
             raise RuntimeError(f"GiVA layer {name!r} is {'already' if merged else 'not'} merged")
@@ -316,6 +318,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     layers = wrapped_layers(model)
     if not layers:
         raise ValueError("model has no GiVA layers to merge")
+    check_not_sharded(layers, "merge_and_unload")
     for name, layer in layers.items():
         if not layer.merged and layer.active_adapter is not None:
             layer.merge(keep_fingerprint=False)

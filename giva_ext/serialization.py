@@ -31,6 +31,7 @@ from torch import nn
 
 from .adapters import active_adapter, add_adapter, adapter_names, set_adapter
 from .config import GiVAConfig
+from .distributed import gathered, is_sharded, writes_here
 from .layer import GiVALinear, UnknownAdapterError, check_adapter_name, linear_shape, weight_digests
 from .model import (REGISTRY, _modules_to_save, adapted_module, apply_giva, check_unmerged, chunks_for,
                     find_targets, get_config, giva_layers, register_adapter, wrapped_layers)
@@ -225,8 +226,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
 
     Refuses (ValueError naming the tensor, before writing anything) a tensor holding NaN or Inf,
     e.g. after a diverged step, so a previous good adapter in ``path`` is never overwritten by it.
+    Under FSDP2 (fully_shard) every process calls it: the shards are gathered, process 0 writes.
     """
-    return _write_adapter(Path(path), *_adapter_files(model, adapter_name, path))
+    files = _adapter_files(model, adapter_name, path)
+    return _write_adapter(Path(path), *files) if writes_here(adapted_module(model)) else Path(path)
 
 
 def _adapter_files(model: nn.Module, adapter_name: str | None, path) -> tuple[bytes, str]:
@@ -239,17 +242,18 @@ def _adapter_files(model: nn.Module, adapter_name: str | None, path) -> tuple[by
     for name, layer in layers.items():
         adapter = layer.adapters[adapter_name] if adapter_name is not None else layer.adapter
         for field in adapter.tensor_names:
-            tensors[f"{name}.{field}"] = getattr(adapter, field).detach().cpu().contiguous()
+            tensors[f"{name}.{field}"] = gathered(getattr(adapter, field)).detach().cpu().contiguous()
     for mname, module in _modules_to_save(model, config).items():
         for key, value in module.state_dict().items():
-            tensors[f"{SAVED_PREFIX}{mname}.{key}"] = value.detach().cpu().contiguous().clone()
+            tensors[f"{SAVED_PREFIX}{mname}.{key}"] = gathered(value).detach().cpu().contiguous().clone()
     try:
         check_finite_tensors(tensors)
     except ValueError as exc:
         raise ValueError(f"save_adapter: {exc}; nothing was written to {path}") from exc
     header = {"library": "giva_ext", "version": __version__, "format": FORMAT_VERSION,
               "config": config.to_dict(),
-              "fingerprint": [weight_fingerprint(n, layer.base.weight, cast=True) for n, layer in layers.items()]}
+              "fingerprint": [weight_fingerprint(n, gathered(layer.base.weight), cast=True)
+                              for n, layer in layers.items()]}
     return pack(tensors, METADATA_KEY, header)
 
 
@@ -420,6 +424,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     file = Path(path) / WEIGHTS_NAME
     outer, model = model, adapted_module(model)
     try:
+        if is_sharded(model):
+            raise ValueError("the model is sharded by FSDP2 (fully_shard); load the adapter before "
+                             "fully_shard, on the whole model")
         if adapter_name is not None:
             check_adapter_name(adapter_name)
         header, text, tensors = _read_adapter(file)
@@ -472,13 +479,16 @@ INDEX_NAME = "adapters.json"
 
 def save_adapters(model: nn.Module, folder: str | os.PathLike) -> Path:
     """Save every adapter of ``model`` into ``folder/<name>/`` (each as save_adapter writes it, each
-    atomic) and ``folder/adapters.json``: the names in id order and the active one."""
+    atomic) and ``folder/adapters.json``: the names in id order and the active one. Under FSDP2
+    every process calls it, as save_adapter."""
     folder = Path(folder)
     model = adapted_module(model)
     names = adapter_names(model)
     if not names:
         raise ValueError("model has no GiVA adapter; call apply_giva(model, config) first")
     files = {name: _adapter_files(model, name, folder / name) for name in names}  # every check first
+    if not writes_here(model):  # FSDP2: every process gathered, process 0 writes
+        return folder
     for name, (data, text) in files.items():
         _write_adapter(folder / name, data, text)
     index = {"library": "giva_ext", "adapters": names, "active": active_adapter(model)}

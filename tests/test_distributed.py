@@ -207,7 +207,7 @@ def _global_batches():
 
 
 def _ce(model, batch):
-    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+    return nn.functional.cross_entropy(model(batch[0]).float(), batch[1])
 
 
 def _train(model, batches):
@@ -222,6 +222,15 @@ def _train(model, batches):
 def _trained_state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()
             if k.endswith(("A", "B", "lambda_s", "lambda_o")) or k.startswith("3.")}
+
+
+def _one_process_on_the_global_batches():
+    """The oracle of the multi-process runs: init and training in one process on whole batches."""
+    single = _classifier()
+    batches = _global_batches()
+    g.init_bases(single, batches[:2], _ce, num_batches=2, progress=False)
+    _train(single, batches[2:])
+    return _trained_state(single)
 
 
 def _ddp_worker(rank, init_file, out_dir):
@@ -258,11 +267,7 @@ def test_ddp_training_equals_one_process_on_the_global_batch(tmp_path):
     trained; the rank-deficiency warning comes from rank 0 only."""
     mp.spawn(_ddp_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=True)
     got = [torch.load(tmp_path / f"ddp{r}.pt") for r in range(WORLD)]
-    single = _classifier()
-    batches = _global_batches()
-    g.init_bases(single, batches[:2], _ce, num_batches=2, progress=False)
-    _train(single, batches[2:])
-    want = _trained_state(single)
+    want = _one_process_on_the_global_batches()
     for rank, result in enumerate(got):
         trained = result["trained"]
         assert set(trained) == set(want)
@@ -276,6 +281,80 @@ def test_ddp_training_equals_one_process_on_the_global_batch(tmp_path):
             elif not key.endswith("B"):  # the vectors and the head: a sign flip of a pair leaves them
                 torch.testing.assert_close(trained[key], value, rtol=1e-4, atol=1e-5, msg=key)
         assert len(result["warnings"]) == (1 if rank == 0 else 0), result["warnings"]
+
+
+def _fsdp_worker(rank, init_file, out_dir, bf16):
+    import datetime
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from giva_ext import functional
+    from giva_ext.distributed import gathered
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        mine = [(x[rank::WORLD], y[rank::WORLD]) for x, y in _global_batches()]
+        model = _classifier()
+        g.init_bases(model, mine[:2], _ce, num_batches=2, progress=False)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None)
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for block in (model[0], model[2], model):
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        refused = {}
+        for action, call in (("init_bases", lambda: g.init_bases(model, mine[:2], _ce, num_batches=2, progress=False)),
+                             ("load_adapter", lambda: g.load_adapter(model, os.path.join(out_dir, "none"))),
+                             ("merge", lambda: g.merge(model))):
+            try:
+                call()
+                refused[action] = None
+            except ValueError as exc:
+                refused[action] = str(exc)
+        native = []
+        original = functional.ops.linear
+
+        def counted(x, *args):
+            native.append(str(x.dtype))
+            return original(x, *args)
+
+        functional.ops.linear = counted
+        try:
+            _train(model, mine[2:])
+        finally:
+            functional.ops.linear = original
+        trained = {k: gathered(v).detach().clone() for k, v in model.state_dict().items()
+                   if k.endswith(("A", "B", "lambda_s", "lambda_o")) or k.startswith("3.")}
+        folder = os.path.join(out_dir, f"fsdp-{bf16}")
+        g.save_adapter(model, folder)  # every process: the shards are gathered, process 0 writes
+        dist.barrier()
+        loaded = _trained_state(g.load_adapter(_pretrained(), folder))
+        torch.save({"trained": trained, "loaded": loaded, "refused": refused, "native": sorted(set(native))},
+                   os.path.join(out_dir, f"fsdp-{bf16}-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-mixed-precision"])
+def test_fsdp2_training_saving_and_what_it_refuses(tmp_path, bf16):
+    """FSDP2 (fully_shard on both targets and the root) on two gloo processes, after init_bases:
+    training runs the native op (in bf16 under a bf16 MixedPrecisionPolicy) and gives the vectors
+    and head of one process on the global batches (to fp32 tolerance; bf16 within 2e-2);
+    save_adapter on every process gathers the shards and writes once, and every process loads
+    exactly what it trained; init_bases, load_adapter and merge on the sharded model are refused
+    with an error that says to call them before fully_shard."""
+    mp.spawn(_fsdp_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), bf16), nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"fsdp-{bf16}-{r}.pt") for r in range(WORLD)]
+    want = _one_process_on_the_global_batches()
+    for result in got:
+        assert result["native"] == (["torch.bfloat16"] if bf16 else ["torch.float32"])
+        assert all(message and "before fully_shard" in message for message in result["refused"].values()), \
+            result["refused"]
+        for key, value in want.items():
+            torch.testing.assert_close(result["loaded"][key], result["trained"][key], rtol=0, atol=0, msg=key)
+            if not key.endswith(("A", "B")):
+                torch.testing.assert_close(result["trained"][key], value, rtol=1e-4 if not bf16 else 0,
+                                           atol=1e-5 if not bf16 else 2e-2, msg=key)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torchrun example on Linux")
