@@ -2,6 +2,7 @@
 
     python examples/train_with_trainer.py            # the real MiniLM, about a minute on 2 CPU cores
     python examples/train_with_trainer.py --tiny     # a tiny random BERT: a smoke test in seconds
+    torchrun --nproc-per-node 2 examples/train_with_trainer.py --tiny --output-dir run      # 2 processes
 
 The data is giva_ext.demo's: VADER lexicon tokens labelled by the sign of their mean human rating.
 GiVAInitCallback takes the gradient for the bases from the Trainer's own first batches; the Trainer
@@ -65,7 +66,8 @@ def main() -> None:
     train, test = encode(texts, labels), encode(split.test_texts, split.test_labels)
     apply_giva(model, GiVAConfig(r=args.r, grad_batches=args.grad_batches,
                                  modules_to_save=["classifier"], seed=args.seed))
-    print(f"{'tiny BERT' if args.tiny else 'all-MiniLM-L6-v2'}: {trainable_parameters(model)}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{'tiny BERT' if args.tiny else 'all-MiniLM-L6-v2'}: {trainable_parameters(model)}")
 
     def accuracy(prediction) -> dict:
         return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
@@ -76,7 +78,10 @@ def main() -> None:
         per_device_eval_batch_size=256, learning_rate=args.lr,
         weight_decay=0.0,  # decay would pull lambda_s away from its init of 1
         save_strategy="epoch", save_total_limit=1, logging_steps=50, report_to=[], seed=args.seed,
-        dataloader_pin_memory=False, disable_tqdm=args.no_progress)
+        dataloader_pin_memory=False, disable_tqdm=args.no_progress,
+        # Several processes without GPUs (torchrun / accelerate on CPUs): the Trainer needs gloo named,
+        # or each process trains alone.
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available() else None)
     trainer = transformers.Trainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=test,
         data_collator=transformers.DataCollatorWithPadding(tokenizer), compute_metrics=accuracy,
@@ -85,9 +90,11 @@ def main() -> None:
     trainer.train()
     seconds = time.perf_counter() - start
     metrics = trainer.evaluate()
-    save_adapter(model, os.path.join(output_dir, "giva_adapter"))
-    print(f"{len(train)} training tokens, {seconds:.0f} s of training; test accuracy "
-          f"{metrics['eval_accuracy']:.4f} on {len(test)} tokens; adapter in {output_dir}/giva_adapter")
+    if trainer.is_world_process_zero():  # under torchrun / accelerate: one process writes and reports
+        save_adapter(model, os.path.join(output_dir, "giva_adapter"))
+        print(f"{len(train)} training tokens on {trainer.args.world_size} process(es), {seconds:.0f} s of "
+              f"training; test accuracy "
+              f"{metrics['eval_accuracy']:.4f} on {len(test)} tokens; adapter in {output_dir}/giva_adapter")
 
 
 if __name__ == "__main__":

@@ -182,6 +182,45 @@ def test_preconditioned_init_resumes_when_only_one_process_kept_its_cache(tmp_pa
         torch.testing.assert_close((result["B"].T @ single["B"]).abs(), torch.eye(4), atol=1e-4, rtol=0)
 
 
+def _killed_worker(rank, init_file, out_dir, phase):
+    import datetime
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        calls = []
+
+        def loss(m, b):
+            calls.append(1)
+            if phase == "killed" and rank == 1 and len(calls) == 2:
+                os._exit(9)  # killed after its first batch reached its cache: no cleanup, no error
+            return (m(b[0]) * b[1]).sum()
+
+        result = _init_with(_problem()[rank::WORLD], loss, cache=os.path.join(out_dir, "cache.safetensors"))
+        torch.save({**result, "calls": len(calls)}, os.path.join(out_dir, f"{phase}{rank}.pt"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_init_with_a_rank_killed_midway_resumes_to_the_same_bases(tmp_path):
+    """Process 1 is killed (os._exit) after its first batch, so the job dies; restarted with the
+    same cache path, both processes resume (process 0 runs no batch again, process 1 only its
+    second) and get the bases of an uninterrupted run over all batches."""
+    with pytest.raises(Exception):
+        mp.spawn(_killed_worker, args=(str(tmp_path / "rendezvous1"), str(tmp_path), "killed"),
+                 nprocs=WORLD, join=True)
+    assert (tmp_path / "cache.safetensors.rank1").exists()
+    mp.spawn(_killed_worker, args=(str(tmp_path / "rendezvous2"), str(tmp_path), "resumed"), nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"resumed{r}.pt") for r in range(WORLD)]
+    assert got[1]["calls"] == 1 and got[0]["calls"] <= 2
+    single = _init(_problem())
+    for result in got:
+        torch.testing.assert_close(result["s"], single["s"], rtol=1e-4, atol=0)
+        torch.testing.assert_close((result["A"] @ single["A"].T).abs(), torch.eye(4), atol=1e-4, rtol=0)
+        torch.testing.assert_close((result["B"].T @ single["B"]).abs(), torch.eye(4), atol=1e-4, rtol=0)
+
+
 # ---- training across processes: DDP, the example under torchrun -----------------------------------
 
 DDP_STEPS = 5
@@ -355,6 +394,23 @@ def test_fsdp2_training_saving_and_what_it_refuses(tmp_path, bf16):
             if not key.endswith(("A", "B")):
                 torch.testing.assert_close(result["trained"][key], value, rtol=1e-4 if not bf16 else 0,
                                            atol=1e-5 if not bf16 else 2e-2, msg=key)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torchrun example on Linux")
+def test_trainer_example_runs_under_torchrun(tmp_path):
+    """examples/train_with_trainer.py --tiny under torchrun with two CPU processes: the Trainer's own
+    DDP, the init callback on each process's shard, one adapter written by process 0."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("vaderSentiment")
+    example = Path(__file__).resolve().parent.parent / "examples" / "train_with_trainer.py"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                           str(example), "--tiny", "--train-size", "256", "--no-progress",
+                           "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("on 2 process(es)") == 1, done.stdout
+    assert (tmp_path / "giva_adapter" / "adapter_model.safetensors").is_file()
+    assert list(tmp_path.glob("checkpoint-*/giva_adapter/adapter_model.safetensors"))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torchrun example on Linux")
