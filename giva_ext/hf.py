@@ -4,11 +4,15 @@
     trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[GiVAInitCallback()])
     trainer.train()
 
-The Trainer's optimizer sees only what requires grad (the lambda vectors and modules_to_save), and
-its own checkpoints (model.safetensors) hold the whole GiVA model (keys like "...query.base.weight",
-"...query.A"), so resume_from_checkpoint works as usual; for a plain transformers checkpoint,
-merge_and_unload before save_pretrained. Each checkpoint folder also gets the adapter alone in
-``giva_adapter/`` (save_adapter's format, loadable with load_adapter onto the pretrained model).
+The Trainer's optimizer sees only what requires grad (the lambda vectors and modules_to_save). While
+the Trainer trains, its own checkpoints (model.safetensors) hold only the adapter: the GiVA tensors
+("...query.adapters.default.A", "...lambda_s", ...) and whatever else trains (modules_to_save), not
+the frozen base. resume_from_checkpoint works as usual: the Trainer loads them onto the pretrained
+model it was built with. Each checkpoint folder also gets the adapter in ``giva_adapter/``
+(save_adapter's format, loadable with load_adapter onto the pretrained model). From the Trainer's
+creation to the end of train(), save_pretrained and trainer.save_model save the adapter alone too;
+after train() they save the whole model again; for a plain transformers checkpoint,
+merge_and_unload first.
 """
 from __future__ import annotations
 
@@ -22,6 +26,15 @@ from .model import get_config
 from .serialization import save_adapter
 
 ADAPTER_DIR = "giva_adapter"
+
+
+_NOT_HIDING = object()  # the callback has not replaced the model's _keys_to_ignore_on_save
+
+
+def _frozen_keys(model) -> set[str]:
+    """The state_dict keys of everything but the GiVA adapters and the parameters that train."""
+    training = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {key for key in model.state_dict() if ".adapters." not in f".{key}" and key not in training}
 
 
 class GiVAInitCallback(TrainerCallback):
@@ -46,8 +59,27 @@ class GiVAInitCallback(TrainerCallback):
         self.loss_fn = loss_fn
         self.progress = progress
         self.initialised = False
+        self._ignored_before = _NOT_HIDING
+
+    def _hide_frozen_base(self, model) -> None:
+        # Checkpoints without the frozen base: save_pretrained skips _keys_to_ignore_on_save, and a
+        # resume that finds exactly those keys missing loads the rest without a warning. Set when
+        # the Trainer is created (a resume loads its checkpoint before training begins) and at each
+        # train(); the model's own list comes back when training ends.
+        if self._ignored_before is _NOT_HIDING:
+            self._ignored_before = getattr(model, "_keys_to_ignore_on_save", None)
+            model._keys_to_ignore_on_save = set(self._ignored_before or ()) | _frozen_keys(model)
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._hide_frozen_base(model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._ignored_before is not _NOT_HIDING:
+            model._keys_to_ignore_on_save = self._ignored_before
+            self._ignored_before = _NOT_HIDING
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        self._hide_frozen_base(model)
         if self.initialised or state.global_step > 0:
             return
         get_config(model)  # a clear error if the Trainer's model has no GiVA adapter

@@ -410,7 +410,11 @@ def test_trainer_example_runs_under_torchrun(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("on 2 process(es)") == 1, done.stdout
     assert (tmp_path / "giva_adapter" / "adapter_model.safetensors").is_file()
-    assert list(tmp_path.glob("checkpoint-*/giva_adapter/adapter_model.safetensors"))
+    checkpoints = list(tmp_path.glob("checkpoint-*"))
+    assert checkpoints and all((c / "giva_adapter" / "adapter_model.safetensors").is_file() for c in checkpoints)
+    from safetensors.torch import load_file
+    saved = set(load_file(checkpoints[0] / "model.safetensors"))  # the adapter and head only
+    assert saved and all(".adapters." in k or k.startswith("classifier.") for k in saved), sorted(saved)[:5]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torchrun example on Linux")

@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import safetensors.torch
 import torch
 
 import giva_ext as g
@@ -59,8 +60,12 @@ def test_trainer_runs_init_trains_vectors_and_checkpoints_the_adapter(tmp_path):
     with torch.no_grad():
         expected = model(**batch).logits
         assert torch.equal(g.load_adapter(tiny("bert")[0], adapter)(**batch).logits, expected)
-    trainer.save_model(str(tmp_path / "final"))  # the Trainer's own save of the whole GiVA model
-    assert (tmp_path / "final" / "model.safetensors").is_file()
+    # The Trainer's checkpoints hold the adapter and the head, not the frozen base; after training
+    # its own save_model writes the whole GiVA model again.
+    saved = set(safetensors.torch.load_file(tmp_path / "checkpoint-6" / "model.safetensors"))
+    assert saved == {k for k in model.state_dict() if ".adapters." in k or k.startswith("classifier.")}
+    trainer.save_model(str(tmp_path / "final"))
+    assert set(safetensors.torch.load_file(tmp_path / "final" / "model.safetensors")) == set(model.state_dict())
 
 
 def test_resumed_run_keeps_the_checkpoint_bases(tmp_path):
@@ -75,6 +80,24 @@ def test_resumed_run_keeps_the_checkpoint_bases(tmp_path):
     trainer_for(fresh, tmp_path, 4, callback).train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
     assert not callback.initialised
     assert torch.equal(fresh.bert.encoder.layer[1].output.dense.A, trained_A)
+
+
+def test_a_run_resumed_from_an_adapter_only_checkpoint_equals_the_uninterrupted_run(tmp_path, caplog):
+    """6 steps in one go, and 3 steps resumed from the first run's adapter-only checkpoint-3 on a
+    freshly loaded pretrained model: the same vectors and head, bit for bit, and no warning about
+    the missing (frozen) keys."""
+    model, _ = tiny("bert")
+    g.apply_giva(model, g.GiVAConfig(r=2, modules_to_save=["classifier"]))
+    trainer_for(model, tmp_path / "a", 6, GiVAInitCallback(progress=False)).train()
+    fresh, _ = tiny("bert")
+    g.apply_giva(fresh, g.GiVAConfig(r=2, modules_to_save=["classifier"]))
+    with caplog.at_level("WARNING"):
+        trainer_for(fresh, tmp_path / "b", 6, GiVAInitCallback(progress=False)).train(
+            resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    assert not [r for r in caplog.records if "missing keys" in r.getMessage()]
+    trained = {k: v for k, v in model.state_dict().items() if ".adapters." in k or k.startswith("classifier.")}
+    for key, value in trained.items():
+        assert torch.equal(fresh.state_dict()[key], value), key
 
 
 def test_callback_refuses_a_model_without_giva(tmp_path):
