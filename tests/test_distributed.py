@@ -396,6 +396,54 @@ def test_fsdp2_training_saving_and_what_it_refuses(tmp_path, bf16):
                                            atol=1e-5 if not bf16 else 2e-2, msg=key)
 
 
+def _trainer_worker(rank, port, out_dir):
+    """Two Trainer runs on this process pair: 6 steps, then 3 more resumed from the first run's
+    checkpoint-3 on a freshly built model; rank 0 keeps both runs' trained tensors."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    import transformers
+
+    from giva_ext.hf import GiVAInitCallback
+    from test_hf_models import tiny
+    from test_trainer import dataset
+
+    def run(folder, resume=None):
+        model, _ = tiny("bert")
+        g.apply_giva(model, g.GiVAConfig(r=2, modules_to_save=["classifier"]))
+        args = transformers.TrainingArguments(
+            output_dir=folder, max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+            lr_scheduler_type="constant", weight_decay=0.0, save_strategy="steps", save_steps=3,
+            report_to=[], use_cpu=True, disable_tqdm=True, seed=0, ddp_backend="gloo")
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset(),
+                                       callbacks=[GiVAInitCallback(progress=False)])
+        assert trainer.args.world_size == WORLD
+        trainer.train(resume_from_checkpoint=resume)
+        return {k: v.clone() for k, v in model.state_dict().items()
+                if ".adapters." in k or k.startswith("classifier.")}
+
+    whole = run(os.path.join(out_dir, "a"))
+    resumed = run(os.path.join(out_dir, "b"), resume=os.path.join(out_dir, "a", "checkpoint-3"))
+    if rank == 0:
+        torch.save({"whole": whole, "resumed": resumed}, os.path.join(out_dir, "trainer.pt"))
+
+
+def test_two_process_trainer_run_resumed_from_an_adapter_only_checkpoint_is_identical(tmp_path):
+    """The Hugging Face Trainer on two gloo processes (its own DDP, the init callback on each
+    process's shard): a run resumed from checkpoint 3 of 6, whose model.safetensors holds only the
+    adapter and head, ends bit for bit where the uninterrupted run does."""
+    pytest.importorskip("transformers")
+    from test_hf_models import tiny  # noqa: F401 - importable before spawning
+    with __import__("socket").socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_trainer_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
+    got = torch.load(tmp_path / "trainer.pt")
+    from safetensors.torch import load_file
+    assert set(load_file(tmp_path / "a" / "checkpoint-3" / "model.safetensors")) == set(got["whole"])
+    for key, value in got["whole"].items():
+        assert torch.equal(got["resumed"][key], value), key
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="torchrun example on Linux")
 def test_trainer_example_runs_under_torchrun(tmp_path):
     """examples/train_with_trainer.py --tiny under torchrun with two CPU processes: the Trainer's own
