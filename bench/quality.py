@@ -101,8 +101,8 @@ class Size:
     lr_points: int | None = None  # None: the method's whole grid; 2: its two ends (a smoke run)
 
 
-# default: all 16 methods x 2 tasks x (3 rates + 2 more seeds), about 2.5 minutes per method on 2
-# CPU cores (40 minutes for all), so both trainings are cut very short (80 steps: 0.56 epoch of
+# default: all 16 methods x 2 tasks x (3 rates + 2 more seeds), about 2.1 minutes per method on 2
+# idle CPU cores (34 minutes for all), so both trainings are cut very short (80 steps: 0.56 epoch of
 # VADER; 960 AG News rows of 24 tokens): a ranking of how fast each method learns. large: the size
 # the recipe decisions rest on (300 steps each, the whole AG News test set; about 11 minutes per
 # method on 2 cores).
