@@ -11,6 +11,7 @@ from torch import nn
 from .config import GiVAConfig
 from .distributed import check_not_sharded
 from .layer import GiVALinear, check_adapter_name, check_rank, linear_shape
+from .quantized import check_not_quantized
 
 # Leaf names of output heads that "all-linear" never adapts (besides get_output_embeddings()).
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
@@ -213,6 +214,7 @@ def chunks_for(name: str, config: GiVAConfig) -> int:
 
 
 def _check_targets(targets: dict[str, nn.Module], config: GiVAConfig) -> None:
+    check_not_quantized(targets)
     unused = [p for p in config.fused_chunks if not any(_matches(name, p) for name in targets)]
     if unused:
         raise ValueError(f"fused_chunks entry {unused[0]!r} matches no target of the model")
