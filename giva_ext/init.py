@@ -26,8 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checks import maybe_non_finite
-from .distributed import check_not_sharded, rank_and_world
 from .config import INIT_MODES
+from .distributed import check_not_sharded, rank_and_world
 from .layer import GiVALinear, block_bases, random_orthonormal
 from .model import adapted_module, check_unmerged, get_config, giva_layers
 from .precondition import PRECONDITIONERS, FeatureScales

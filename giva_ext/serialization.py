@@ -228,8 +228,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     e.g. after a diverged step, so a previous good adapter in ``path`` is never overwritten by it.
     Under FSDP2 (fully_shard) every process calls it: the shards are gathered, process 0 writes.
     """
+    model = adapted_module(model)
     files = _adapter_files(model, adapter_name, path)
-    return _write_adapter(Path(path), *files) if writes_here(adapted_module(model)) else Path(path)
+    return _write_adapter(Path(path), *files) if writes_here(model) else Path(path)
 
 
 def _adapter_files(model: nn.Module, adapter_name: str | None, path) -> tuple[bytes, str]:
