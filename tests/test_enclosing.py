@@ -1,7 +1,6 @@
 """Model-level functions on a module that contains the adapted one: a custom head over an adapted
 encoder, torch.compile's wrapper and DistributedDataParallel. The oracle is the same call on the
 adapted module itself."""
-import socket
 
 import pytest
 import torch
@@ -131,18 +130,11 @@ def test_torch_compile_wrapper_reaches_the_adapted_module(tmp_path):
     assert (tmp_path / "compiled" / WEIGHTS_NAME).read_bytes() == (tmp_path / "plain" / WEIGHTS_NAME).read_bytes()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_distributed_data_parallel_wrapper_reaches_the_adapted_module(tmp_path, monkeypatch):
+def test_distributed_data_parallel_wrapper_reaches_the_adapted_module(tmp_path):
     """One gloo process: init_bases, save and load through DistributedDataParallel(model), the
     same as on the unwrapped model."""
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # A file rendezvous: no port to pick and lose to another process between the pick and the bind.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         model, oracle = adapted(), adapted()
         ddp = nn.parallel.DistributedDataParallel(model)
