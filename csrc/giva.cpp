@@ -12,6 +12,15 @@ TORCH_LIBRARY(giva, m) {
   // comes back undefined (None in Python), as in aten::native_layer_norm_backward.
   m.def("linear_backward(Tensor grad_y, Tensor s, Tensor weight, Tensor A, Tensor B, "
         "Tensor lambda_s, Tensor lambda_o, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The adapter alone, on a frozen layer that computes its own output (a quantized base):
+  // y = base + (lambda_s * (x A^T)) (lambda_o * B)^T for base (T, out), the layer's output for x;
+  // also returns s = x A^T. The base's own gradient is grad_y (the autograd passes it through).
+  m.def("adapter_forward(Tensor x, Tensor base, Tensor A, Tensor B, Tensor lambda_s, "
+        "Tensor lambda_o) -> (Tensor y, Tensor s)");
+  // linear_backward without the frozen weight: grad_x = ((g B'') * lambda_s) A, the lambda
+  // gradients through M = g^T s as above; output_mask as above.
+  m.def("adapter_backward(Tensor grad_y, Tensor s, Tensor A, Tensor B, Tensor lambda_s, "
+        "Tensor lambda_o, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // Mixed-adapter batch (inference only): y = x W^T + bias, plus on row t the adapter
   // token_ids[t] of the lists A (r_i, in), B (out, r_i), lambda_s (r_i,), lambda_o (out,), or no
   // adapter where token_ids[t] == -1. token_ids is int64 (T,) on x's device; ranks may differ.

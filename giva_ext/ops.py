@@ -79,12 +79,19 @@ _HAS_KERNEL = {dev: _has_kernel("giva::linear_forward", dev) for dev in _DTYPES}
 _HAS_SKETCH = {dev: _has_kernel("giva::sketch_update", dev) for dev in _DTYPES}
 _HAS_RSVD = {dev: _has_kernel("giva::rsvd", dev) for dev in _DTYPES}
 _HAS_MIXED = {dev: _has_kernel("giva::mixed_linear", dev) for dev in _DTYPES}
+_HAS_ADAPTER = {dev: _has_kernel("giva::adapter_forward", dev) for dev in _DTYPES}
 
 
 def supports(x: torch.Tensor) -> bool:
     """Whether the native fused op handles x: _C loaded, a kernel for x's device, x's dtype."""
     dev = x.device.type
     return _HAS_KERNEL.get(dev, False) and x.dtype in _DTYPES[dev]
+
+
+def supports_adapter(x: torch.Tensor) -> bool:
+    """Whether the native adapter-only op handles x: a kernel for its device and dtype."""
+    dev = x.device.type
+    return _HAS_ADAPTER.get(dev, False) and x.dtype in _DTYPES[dev]
 
 
 def supports_mixed(x: torch.Tensor) -> bool:
@@ -111,6 +118,13 @@ def linear(x, weight, bias, A, B, lambda_s, lambda_o):
     return y
 
 
+def adapter(x, base, A, B, lambda_s, lambda_o):
+    """base + lambda_o * ((lambda_s * (x A^T)) B^T) on 2-D x, for a base output the frozen layer
+    computed itself; differentiable in x (the adapter's part), base and the vectors."""
+    y, _ = torch.ops.giva.adapter_forward(x, base, A, B, lambda_s, lambda_o)
+    return y
+
+
 if HAS_NATIVE:
     @torch.library.register_fake("giva::linear_forward")
     def _linear_forward_fake(x, weight, bias, A, B, lambda_s, lambda_o):
@@ -133,13 +147,44 @@ if HAS_NATIVE:
 
     def _backward(ctx, grad_y, grad_s):
         mask = tuple(ctx.needs_input_grad[i] for i in (0, 5, 6))
+        s, weight, A, B, lambda_s, lambda_o = ctx.saved_tensors
         # With create_graph the backward itself must be differentiable: the reference's torch ops.
         backward = reference.linear_backward if torch.is_grad_enabled() else torch.ops.giva.linear_backward
-        grad_x, grad_ls, grad_lo = reference.linear_backward_through_s(
-            grad_y, grad_s, *ctx.saved_tensors, mask, backward=backward)
+        grad_x, grad_ls, grad_lo = reference.backward_through_s(
+            grad_y, grad_s, A, mask, lambda g, m: backward(g, s, weight, A, B, lambda_s, lambda_o, m))
         return grad_x, None, None, None, None, grad_ls, grad_lo
 
     torch.library.register_autograd("giva::linear_forward", _backward, setup_context=_setup_context)
+
+if any(_HAS_ADAPTER.values()):
+    @torch.library.register_fake("giva::adapter_forward")
+    def _adapter_forward_fake(x, base, A, B, lambda_s, lambda_o):
+        return (x.new_empty(x.shape[0], base.shape[1]),
+                x.new_empty(x.shape[0], A.shape[0], dtype=reference.saved_s_dtype(x.dtype)))
+
+    @torch.library.register_fake("giva::adapter_backward")
+    def _adapter_backward_fake(grad_y, s, A, B, lambda_s, lambda_o, output_mask):
+        need_x, need_s, need_o = output_mask
+        return (grad_y.new_empty(grad_y.shape[0], A.shape[1]) if need_x else None,
+                lambda_s.new_empty(lambda_s.shape) if need_s else None,
+                lambda_o.new_empty(lambda_o.shape) if need_o else None)
+
+    def _adapter_setup_context(ctx, inputs, output):
+        _, _, A, B, lambda_s, lambda_o = inputs
+        ctx.set_materialize_grads(False)  # as for linear_forward: s stays differentiable
+        ctx.save_for_backward(output[1], A, B, lambda_s, lambda_o)
+
+    def _adapter_backward(ctx, grad_y, grad_s):
+        mask = tuple(ctx.needs_input_grad[i] for i in (0, 4, 5))
+        s, A, B, lambda_s, lambda_o = ctx.saved_tensors
+        backward = reference.adapter_backward if torch.is_grad_enabled() else torch.ops.giva.adapter_backward
+        grad_x, grad_ls, grad_lo = reference.backward_through_s(
+            grad_y, grad_s, A, mask, lambda g, m: backward(g, s, A, B, lambda_s, lambda_o, m))
+        grad_base = grad_y if ctx.needs_input_grad[1] else None  # y = base + the adapter's term
+        return grad_x, grad_base, None, None, grad_ls, grad_lo
+
+    torch.library.register_autograd("giva::adapter_forward", _adapter_backward,
+                                    setup_context=_adapter_setup_context)
 
 if any(_HAS_MIXED.values()):
     @torch.library.register_fake("giva::mixed_linear")

@@ -37,11 +37,13 @@ def linear_forward(x, weight, bias, A, B, lambda_s, lambda_o):
     return adapter_forward(x, F.linear(x, weight, bias), A, B, lambda_s, lambda_o)
 
 
-def linear_backward(grad_y, s, weight, A, B, lambda_s, lambda_o, output_mask=(True, True, True)):
-    """Returns (grad_x, grad_lambda_s, grad_lambda_o); an entry is None where output_mask is False.
+def adapter_backward(grad_y, s, A, B, lambda_s, lambda_o, output_mask=(True, True, True),
+                     base_grad_x=None):
+    """The backward of adapter_forward's y for the adapter's inputs: (grad_x, grad_lambda_s,
+    grad_lambda_o), an entry None where output_mask is False (y_base's gradient is grad_y itself).
 
     With M = g^T s (out, r):  grad lambda_o = (M * B) lambda_s,  grad lambda_s = (M * B)^T lambda_o,
-    grad x = g W + ((g B'') * lambda_s) A.
+    grad x = base_grad_x + ((g B'') * lambda_s) A  (base_grad_x: the frozen layer's part, or None).
     """
     need_x, need_s, need_o = output_mask
     grad_x = grad_lambda_s = grad_lambda_o = None
@@ -49,7 +51,7 @@ def linear_backward(grad_y, s, weight, A, B, lambda_s, lambda_o, output_mask=(Tr
     if need_x:
         ls, lo = lambda_s.to(grad_y.dtype), lambda_o.to(grad_y.dtype)
         gb = grad_y @ (B * lo[:, None])
-        grad_x = (grad_y @ weight).addmm(gb * ls, A)
+        grad_x = (gb * ls) @ A if base_grad_x is None else base_grad_x.addmm(gb * ls, A)
     if need_s or need_o:
         acc = s.dtype  # M = g^T s sums T products: in float32 beside float16, like s
         mb = (grad_y.t().to(acc) @ s) * B.to(acc)
@@ -58,6 +60,13 @@ def linear_backward(grad_y, s, weight, A, B, lambda_s, lambda_o, output_mask=(Tr
         if need_o:
             grad_lambda_o = (mb @ lambda_s.to(acc)).to(vector_dtype)
     return grad_x, grad_lambda_s, grad_lambda_o
+
+
+def linear_backward(grad_y, s, weight, A, B, lambda_s, lambda_o, output_mask=(True, True, True)):
+    """Returns (grad_x, grad_lambda_s, grad_lambda_o) of linear_forward's y; an entry is None where
+    output_mask is False. grad x = g W + ((g B'') * lambda_s) A; the rest as adapter_backward."""
+    return adapter_backward(grad_y, s, A, B, lambda_s, lambda_o, output_mask,
+                            grad_y @ weight if output_mask[0] else None)
 
 
 def mixed_linear(x, weight, bias, A, B, lambda_s, lambda_o, token_ids):
@@ -81,45 +90,66 @@ def delta_weight(A, B, lambda_s, lambda_o):
     return (B * lambda_o[:, None]) @ (A * lambda_s[:, None])
 
 
-def linear_backward_through_s(grad_y, grad_s, s, weight, A, B, lambda_s, lambda_o, output_mask,
-                              backward=linear_backward):
-    """The backward of (y, s) = linear_forward(...), where s is an output saved for backward:
-    (grad_x, grad_lambda_s, grad_lambda_o). grad_y goes through ``backward`` (linear_backward or
-    the native op). grad_s, s's own gradient, is not None only in a double backward that
-    differentiates through the saved s (create_graph: the first backward's graph holds s, so its
-    dependence on x must reach x too): it adds grad_s A to grad x. Either gradient may be None."""
+def backward_through_s(grad_y, grad_s, A, output_mask, backward):
+    """The backward of a forward returning (y, s), where s = x A^T is an output saved for backward:
+    (grad_x, grad_lambda_s, grad_lambda_o). grad_y goes through ``backward(grad_y, output_mask)``
+    (the layer's or the adapter's backward, reference or native). grad_s, s's own gradient, is not
+    None only in a double backward that differentiates through the saved s (create_graph: the first
+    backward's graph holds s, so its dependence on x must reach x too): it adds grad_s A to grad x.
+    Either gradient may be None."""
     grad_x = grad_lambda_s = grad_lambda_o = None
     if grad_y is not None and any(output_mask):
-        grad_x, grad_lambda_s, grad_lambda_o = backward(grad_y, s, weight, A, B, lambda_s, lambda_o,
-                                                        list(output_mask))
+        grad_x, grad_lambda_s, grad_lambda_o = backward(grad_y, list(output_mask))
     if grad_s is not None and output_mask[0]:
-        through_s = (grad_s @ A.to(grad_s.dtype)).to(weight.dtype)  # s may be float32 beside x's dtype
+        through_s = (grad_s @ A.to(grad_s.dtype)).to(A.dtype)  # s may be float32 beside x's dtype
         grad_x = through_s if grad_x is None else grad_x + through_s
     return grad_x, grad_lambda_s, grad_lambda_o
 
 
 class _ReferenceLinear(torch.autograd.Function):
-    """Autograd around the reference: saves only s beside the frozen tensors, like the native op.
-    s is an output (then dropped), so that a double backward, whose graph holds s, reaches x."""
+    """Autograd around the reference layer (``fused``: x W^T + bias + the adapter) or the adapter
+    alone on a given base output (``frozen`` = (y_base,)): saves only s beside the frozen tensors,
+    like the native ops. s is an output (then dropped), so that a double backward, whose graph
+    holds s, reaches x."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, lambda_s, lambda_o):
-        y, s = linear_forward(x, weight, bias, A, B, lambda_s, lambda_o)
+    def forward(ctx, x, A, B, lambda_s, lambda_o, fused: bool, *frozen):
+        if fused:
+            weight, bias = frozen
+            y, s = linear_forward(x, weight, bias, A, B, lambda_s, lambda_o)
+        else:
+            y, s = adapter_forward(x, frozen[0], A, B, lambda_s, lambda_o)
+        ctx.fused = fused
         ctx.set_materialize_grads(False)  # s's gradient stays None unless a double backward needs it
-        ctx.save_for_backward(s, weight, A, B, lambda_s, lambda_o)
+        ctx.save_for_backward(s, A, B, lambda_s, lambda_o, *(frozen[:1] if fused else ()))
         return y, s
 
     @staticmethod
     def backward(ctx, grad_y, grad_s):
-        mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[5], ctx.needs_input_grad[6])
-        grad_x, grad_ls, grad_lo = linear_backward_through_s(grad_y, grad_s, *ctx.saved_tensors, mask)
-        return grad_x, None, None, None, None, grad_ls, grad_lo
+        s, A, B, lambda_s, lambda_o, *weight = ctx.saved_tensors
+        mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+
+        def through(g, m):
+            if ctx.fused:
+                return linear_backward(g, s, weight[0], A, B, lambda_s, lambda_o, m)
+            return adapter_backward(g, s, A, B, lambda_s, lambda_o, m)
+
+        grads = backward_through_s(grad_y, grad_s, A, mask, through)
+        grad_base = grad_y if not ctx.fused and ctx.needs_input_grad[6] else None
+        frozen_grads = (None, None) if ctx.fused else (grad_base,)
+        return grads[0], None, None, grads[1], grads[2], None, *frozen_grads
 
 
 def linear(x, weight, bias, A, B, lambda_s, lambda_o):
     """Differentiable reference layer on 2-D x; gradients flow to x, lambda_s and lambda_o only
     (to any order: the backward is made of differentiable torch ops)."""
-    return _ReferenceLinear.apply(x, weight, bias, A, B, lambda_s, lambda_o)[0]
+    return _ReferenceLinear.apply(x, A, B, lambda_s, lambda_o, True, weight, bias)[0]
+
+
+def adapter(x, y_base, A, B, lambda_s, lambda_o):
+    """Differentiable reference of y_base + the adapter term on 2-D x; gradients flow to x (the
+    adapter's part), y_base (grad_y itself), lambda_s and lambda_o."""
+    return _ReferenceLinear.apply(x, A, B, lambda_s, lambda_o, False, y_base)[0]
 
 
 # ---- gradient sketch and randomized SVD (docs/design.md §2, "Gradient sketch") ----------------------------

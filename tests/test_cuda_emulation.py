@@ -257,6 +257,48 @@ def test_unaligned_bias_view(emulated):
     _assert_matches(y, y_c, y_64, torch.float16, "y")
 
 
+def _adapter_case(T, n_in, n_out, r, dtype, base_layout="contiguous", seed=0):
+    """x, a base output (the frozen layer's, as a quantized base would hand it over; contiguous, or
+    a row-padded view aligned or at an odd offset) and the adapter's tensors."""
+    t = _cpu_inputs(T, n_in, n_out, r, dtype=dtype, seed=seed)
+    base = torch.nn.functional.linear(t["x"], t["weight"], t["bias"])
+    if base_layout != "contiguous":
+        first = 0 if base_layout == "padded_rows_aligned" else 1
+        padded = torch.zeros(T, n_out + 8, dtype=dtype)
+        padded[:, first:first + n_out] = base
+        base = padded[:, first:first + n_out]
+    return t["x"], base, (t["A"], t["B"], t["lambda_s"], t["lambda_o"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: _id(map(str, s)))
+@pytest.mark.parametrize("base_layout", ["contiguous", "padded_rows_aligned", "padded_rows_odd"])
+def test_adapter_ops_match_reference(emulated, shape, dtype, base_layout):
+    """adapter_forward (expand_kernel starting from the base's rows: vector loads, or element-wise
+    for an odd offset; the cuBLAS path above rank 8) and adapter_backward (no weight GEMM)."""
+    x, base, rest = _adapter_case(*shape, dtype, base_layout)
+    y, s = emulated.adapter_forward(x, base, *rest)
+    y_c, s_c = reference.adapter_forward(x, base, *rest)
+    y_64, s_64 = reference.adapter_forward(x.double(), base.double(), *(v.double() for v in rest))
+    _assert_matches(y, y_c, y_64, dtype, "y")
+    _assert_matches(s, s_c, s_64, reference.saved_s_dtype(dtype), "s")
+    gy = torch.randn(shape[0], shape[2], generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = emulated.adapter_backward(gy, s_c, *rest, [True, True, True])
+    composite = reference.adapter_backward(gy, s_c, *rest)
+    ref64 = reference.adapter_backward(gy.double(), s_c.double(), *(v.double() for v in rest))
+    for name, a, c, e in zip(("grad_x", "grad_lambda_s", "grad_lambda_o"), got, composite, ref64):
+        _assert_matches(a, c, e, dtype, name)
+
+
+@pytest.mark.parametrize("r", [4, 16], ids=["fused", "cublas"])
+def test_adapter_fp16_s_past_fp16_range_starts_at_base(emulated, r):
+    """As for the layer op: at lambda_o = 0 the adapter op returns the base output bit for bit."""
+    t = _overflow_case(r, "cpu")
+    base = torch.nn.functional.linear(t["x"], t["weight"], t["bias"])
+    y, s = emulated.adapter_forward(t["x"], base, t["A"], t["B"], t["lambda_s"], t["lambda_o"])
+    assert torch.equal(y, base) and s.dtype == torch.float32 and torch.isfinite(s).all()
+
+
 def test_bad_input_names_the_argument(emulated):
     t = _cpu_inputs(8, 16, 12, 4, dtype=torch.float32)
     with pytest.raises(RuntimeError, match=r"\bA\b"):

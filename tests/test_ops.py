@@ -255,7 +255,7 @@ def test_bad_backward_arguments():
         torch.ops.giva.linear_backward(grad_y[:, :5], s, *args)
     with pytest.raises(RuntimeError, match=r"A must have dtype Float \(the dtype of grad_y\), got Double"):
         torch.ops.giva.linear_backward(grad_y, s, t["weight"], t["A"].double(), *args[2:])
-    with pytest.raises(RuntimeError, match=r"s must have dtype Float \(what linear_forward saves for "
+    with pytest.raises(RuntimeError, match=r"s must have dtype Float \(what the forward saves for "
                                            r"grad_y's dtype\), got BFloat16"):
         torch.ops.giva.linear_backward(grad_y, s.bfloat16(), *args)
 

@@ -93,6 +93,17 @@ inline void check_leading(const char* op, const char* name, const at::Tensor& t,
               "-D), got ", shape_str(t.sizes()));
 }
 
+// A (r, in), B (out, r), lambda_s (r,), lambda_o (out,) beside `ref` (x or grad_y), of every op.
+inline void check_adapter_args(const char* op, const at::Tensor& A, const at::Tensor& B,
+                               const at::Tensor& lambda_s, const at::Tensor& lambda_o,
+                               int64_t in, int64_t out, int64_t r, const at::Tensor& ref,
+                               const char* ref_name) {
+  check_arg(op, "A", A, "(r, in)", {r, in}, ref, ref_name);
+  check_arg(op, "B", B, "(out, r)", {out, A.size(0)}, ref, ref_name);
+  check_arg(op, "lambda_s", lambda_s, "(r,)", {A.size(0)}, ref, ref_name, /*float32_ok=*/true);
+  check_arg(op, "lambda_o", lambda_o, "(out,)", {out}, lambda_s, "lambda_s");
+}
+
 // linear_forward(x, weight, bias?, A, B, lambda_s, lambda_o) with x (T, in).
 inline void check_linear_forward(const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias, const at::Tensor& A,
@@ -105,32 +116,45 @@ inline void check_linear_forward(const at::Tensor& x, const at::Tensor& weight,
   check_arg(op, "weight", weight, "(out, in)", {-1, in}, x, "x");
   const int64_t out = weight.size(0);
   if (bias.has_value() && bias->defined()) check_arg(op, "bias", *bias, "(out,)", {out}, x, "x");
-  check_arg(op, "A", A, "(r, in)", {-1, in}, x, "x");
-  const int64_t r = A.size(0);
-  check_arg(op, "B", B, "(out, r)", {out, r}, x, "x");
-  check_arg(op, "lambda_s", lambda_s, "(r,)", {r}, x, "x", /*float32_ok=*/true);
-  check_arg(op, "lambda_o", lambda_o, "(out,)", {out}, lambda_s, "lambda_s");
+  check_adapter_args(op, A, B, lambda_s, lambda_o, in, out, -1, x, "x");
 }
 
-// linear_backward(grad_y, s, weight, A, B, lambda_s, lambda_o, ...) with grad_y (T, out).
+// adapter_forward(x, base, A, B, lambda_s, lambda_o) with x (T, in), base (T, out).
+inline void check_adapter_forward(const at::Tensor& x, const at::Tensor& base, const at::Tensor& A,
+                                  const at::Tensor& B, const at::Tensor& lambda_s,
+                                  const at::Tensor& lambda_o, at::DeviceType device,
+                                  c10::ArrayRef<at::ScalarType> dtypes) {
+  const char* op = "giva::adapter_forward";
+  check_leading(op, "x", x, "(T, in)", 2, device, dtypes);
+  check_arg(op, "base", base, "(T, out)", {x.size(0), -1}, x, "x");
+  check_adapter_args(op, A, B, lambda_s, lambda_o, x.size(1), base.size(1), -1, x, "x");
+}
+
+// The arguments of linear_backward (weight defined) and adapter_backward (weight undefined):
+// grad_y (T, out), s (T, r) of saved_s_dtype, then the adapter's tensors; `in` comes from the
+// weight, else from A.
+inline void check_backward(const char* op, const at::Tensor& grad_y, const at::Tensor& s,
+                           const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
+                           const at::Tensor& lambda_s, const at::Tensor& lambda_o,
+                           at::DeviceType device, c10::ArrayRef<at::ScalarType> dtypes) {
+  check_leading(op, "grad_y", grad_y, "(T, out)", 2, device, dtypes);
+  const int64_t T = grad_y.size(0), out = grad_y.size(1);
+  if (weight.defined()) check_arg(op, "weight", weight, "(out, in)", {out, -1}, grad_y, "grad_y");
+  check_arg_as(op, "s", s, "(T, r)", {T, -1}, grad_y.device(), "the device of grad_y",
+               saved_s_dtype(grad_y.scalar_type()),
+               "what the forward saves for grad_y's dtype");
+  const int64_t in = weight.defined() ? weight.size(1) : -1;
+  check_adapter_args(op, A, B, lambda_s, lambda_o, in, out, s.size(1), grad_y, "grad_y");
+}
+
 inline void check_linear_backward(const at::Tensor& grad_y, const at::Tensor& s,
                                   const at::Tensor& weight, const at::Tensor& A,
                                   const at::Tensor& B, const at::Tensor& lambda_s,
                                   const at::Tensor& lambda_o, at::DeviceType device,
                                   c10::ArrayRef<at::ScalarType> dtypes) {
-  const char* op = "giva::linear_backward";
-  check_leading(op, "grad_y", grad_y, "(T, out)", 2, device, dtypes);
-  const int64_t T = grad_y.size(0), out = grad_y.size(1);
-  check_arg(op, "weight", weight, "(out, in)", {out, -1}, grad_y, "grad_y");
-  const int64_t in = weight.size(1);
-  check_arg_as(op, "s", s, "(T, r)", {T, -1}, grad_y.device(), "the device of grad_y",
-               saved_s_dtype(grad_y.scalar_type()),
-               "what linear_forward saves for grad_y's dtype");
-  const int64_t r = s.size(1);
-  check_arg(op, "A", A, "(r, in)", {r, in}, grad_y, "grad_y");
-  check_arg(op, "B", B, "(out, r)", {out, r}, grad_y, "grad_y");
-  check_arg(op, "lambda_s", lambda_s, "(r,)", {r}, grad_y, "grad_y", /*float32_ok=*/true);
-  check_arg(op, "lambda_o", lambda_o, "(out,)", {out}, lambda_s, "lambda_s");
+  TORCH_CHECK(weight.defined(), "giva::linear_backward: weight must be a tensor, got None");
+  check_backward("giva::linear_backward", grad_y, s, weight, A, B, lambda_s, lambda_o, device,
+                 dtypes);
 }
 
 }  // namespace giva

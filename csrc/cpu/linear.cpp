@@ -201,6 +201,27 @@ at::Tensor merged_weight(const at::Tensor& weight, const at::Tensor& A, const at
   return w_eff;
 }
 
+// The SIMD path's passes over x: s = x A^T and, with y defined, y = init + s (B'' diag(lambda_s))^T,
+// block by block while the block of x is hot; init_rows(b0, n) gives the init of rows [b0, b0 + n)
+// (a bias row expanded with stride 0, the base layer's output rows, or undefined for zeros).
+template <typename InitRows>
+at::Tensor shrink_and_fill(const at::Tensor& xc, const at::Tensor& A, const at::Tensor& B,
+                           const at::Tensor& lambda_s, const at::Tensor& lambda_o, at::Tensor y,
+                           const InitRows& init_rows) {
+  const int64_t T = xc.size(0), in = xc.size(1), r = A.size(0);
+  // A in both layouts for s; (B'' diag(lambda_s))^T (r, out) for the fill, so that y's adapter
+  // term is s times it and s itself is never scaled.
+  const auto A_c = A.contiguous(), AT = A.t().contiguous();
+  const auto BT = y.defined() ? padded(scaled(B.t(), lambda_s, lambda_o)) : at::Tensor();
+  auto s = at::empty({T, r}, xc.options());
+  for_row_blocks(T, block_rows(in, xc.element_size()), [&](int64_t b0, int64_t n) {
+    auto s_blk = s.narrow(0, b0, n);
+    thin_product(xc.narrow(0, b0, n), AT, A_c, s_blk);
+    if (y.defined()) rank_update(y.narrow(0, b0, n), s_blk, BT, init_rows(b0, n));
+  });
+  return s;
+}
+
 std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
     const at::Tensor& A, const at::Tensor& B, const at::Tensor& lambda_s,
@@ -230,20 +251,12 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(
     return {y, s};
   }
 
-  // s = x A^T with A in both layouts; and for the fill (B'' diag(lambda_s))^T (r, out), so that
-  // y's adapter term is s times it and s itself is never scaled.
-  const auto A_c = A.contiguous(), AT = A.t().contiguous();
-  const auto BT = merged ? at::Tensor() : padded(scaled(B.t(), lambda_s, lambda_o));
   const auto bias = has_bias ? bias_opt->contiguous() : at::Tensor();
-  auto s = at::empty({T, r}, x.options());
   auto y = at::empty({T, out}, x.options());
-  for_row_blocks(T, block_rows(in, x.element_size()), [&](int64_t b0, int64_t n) {
-    auto s_blk = s.narrow(0, b0, n);
-    thin_product(xc.narrow(0, b0, n), AT, A_c, s_blk);
-    if (!merged)
-      rank_update(y.narrow(0, b0, n), s_blk, BT,
-                  has_bias ? bias.unsqueeze(0).expand({n, out}) : at::Tensor());
-  });
+  const auto s = shrink_and_fill(xc, A, B, lambda_s, lambda_o, merged ? at::Tensor() : y,
+                                 [&](int64_t, int64_t n) {
+                                   return has_bias ? bias.unsqueeze(0).expand({n, out}) : at::Tensor();
+                                 });
   if (merged) {
     const auto w_eff = merged_weight(weight, A, B, lambda_s, lambda_o);
     if (has_bias) at::addmm_out(y, *bias_opt, xc, w_eff.t());
@@ -251,6 +264,27 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cpu(
   } else {
     y.addmm_(xc, weight.t());
   }
+  return {y, s};
+}
+
+// y = base + s (B'' diag(lambda_s))^T with s = x A^T: the fill of linear_forward onto the base
+// layer's output instead of the bias (never merged: there is no weight to merge into).
+std::tuple<at::Tensor, at::Tensor> adapter_forward_cpu(
+    const at::Tensor& x, const at::Tensor& base, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& lambda_s, const at::Tensor& lambda_o) {
+  check_adapter_forward(x, base, A, B, lambda_s, lambda_o, kDevice, kDtypes);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t T = x.size(0), in = x.size(1), out = base.size(1), r = A.size(0);
+  const auto xc = x.contiguous();
+  if (!simd_path(x.scalar_type(), r, in, out)) {
+    auto s = at::mm(xc, A.t());
+    return {at::addmm(base, s, scaled(B.t(), lambda_s, lambda_o)), s};
+  }
+  const auto base_rows = base.stride(1) == 1 ? base : base.contiguous();
+  auto y = at::empty({T, out}, x.options());
+  const auto s = shrink_and_fill(xc, A, B, lambda_s, lambda_o, y, [&](int64_t b0, int64_t n) {
+    return base_rows.narrow(0, b0, n);
+  });
   return {y, s};
 }
 
@@ -315,18 +349,20 @@ std::tuple<at::Tensor, at::Tensor> lambda_grads(const at::Tensor& M_parts, const
   return {grad_s, grad_o};
 }
 
-// Masked-out outputs are undefined tensors (None in Python), like native_layer_norm_backward.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
+// The backward of linear_forward (weight defined: grad_x includes g W) and of adapter_forward
+// (weight undefined: the adapter's part only, never merged). Masked-out outputs are undefined
+// tensors (None in Python), like native_layer_norm_backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_y, const at::Tensor& s, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& lambda_s, const at::Tensor& lambda_o,
     std::array<bool, 3> output_mask) {
-  check_linear_backward(grad_y, s, weight, A, B, lambda_s, lambda_o, kDevice, kDtypes);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const bool need_x = output_mask[0], need_lambda = output_mask[1] || output_mask[2];
-  const int64_t T = grad_y.size(0), out = grad_y.size(1), in = weight.size(1), r = A.size(0);
+  const int64_t T = grad_y.size(0), out = grad_y.size(1), in = A.size(1), r = A.size(0);
   const auto dtype = grad_y.scalar_type();
   const auto acc = acc_type(dtype);
-  const bool merged = merge_backward(T, out);
+  const bool has_weight = weight.defined();
+  const bool merged = has_weight && merge_backward(T, out);
   const bool simd = simd_path(dtype, r, in, out);
   const bool fill_x = need_x && !merged && simd;
   const auto g = grad_y.contiguous();
@@ -354,12 +390,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
       if (lambda_blocks) accumulate_outer(M_parts[at::get_thread_num()], sc.narrow(0, b0, n), g_blk);
     });
   }
-  if (fill_x) grad_x.addmm_(g, weight);
+  if (fill_x && has_weight) grad_x.addmm_(g, weight);
   if (need_x && merged) at::mm_out(grad_x, g, merged_weight(weight, A, B, lambda_s, lambda_o));
   if (need_x && !simd && !merged) {
     const auto u = at::mm(g, scaled(B, lambda_o, at::Tensor()));
     at::mm_out(grad_x, u, scaled(A, lambda_s, at::Tensor()));
-    grad_x.addmm_(g, weight);
+    if (has_weight) grad_x.addmm_(g, weight);
   }
   if (need_lambda) {
     const auto parts = lambda_blocks ? M_parts : at::mm(sc.t(), g).unsqueeze(0);
@@ -373,11 +409,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
   return {grad_x, grad_lambda_s, grad_lambda_o};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& s, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& lambda_s, const at::Tensor& lambda_o,
+    std::array<bool, 3> output_mask) {
+  check_linear_backward(grad_y, s, weight, A, B, lambda_s, lambda_o, kDevice, kDtypes);
+  return backward(grad_y, s, weight, A, B, lambda_s, lambda_o, output_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& s, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& lambda_s, const at::Tensor& lambda_o, std::array<bool, 3> output_mask) {
+  check_backward("giva::adapter_backward", grad_y, s, at::Tensor(), A, B, lambda_s, lambda_o,
+                 kDevice, kDtypes);
+  return backward(grad_y, s, at::Tensor(), A, B, lambda_s, lambda_o, output_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(giva, CPU, m) {
   m.impl("linear_forward", &linear_forward_cpu);
   m.impl("linear_backward", &linear_backward_cpu);
+  m.impl("adapter_forward", &adapter_forward_cpu);
+  m.impl("adapter_backward", &adapter_backward_cpu);
 }
 
 }  // namespace giva

@@ -13,6 +13,10 @@
 //             cuBLAS         grad_x += g W            beta = 1, as above
 //             lambda kernel  grad l_o, grad l_s from M (out x r, fp32)
 //
+// adapter_forward / adapter_backward (a base layer that computes its own output, e.g. quantized)
+// are the same passes without the cuBLAS GEMMs: expand_kernel starts from the base's output rows
+// instead of the bias, and grad_x is the adapter's part alone.
+//
 // Not the concatenated-K GEMM [W; A]: it yields s as r extra columns of a (T, out + r) buffer, so y
 // would be a strided view and the rank-r term would still need a read-modify-write pass, and W
 // would be copied every call (lambda changes every step, W never does, but the op is stateless).
@@ -233,13 +237,15 @@ thin_kernel(const T* __restrict__ X, int64_t ldx, int64_t rows, int64_t K, Facto
   }
 }
 
-// C (rows, N) = bias + P F, with P = sum over nparts of Ppart (rows, kRank) and F a kRank x N
-// factor; the block's column slice of F and bias stay in registers while it walks row tiles.
-// With s_out, blocks of column tile 0 also write s_out = P[:, :r] (saved_s_t: fp32 beside fp16).
+// C (rows, N) = init + P F, with P = sum over nparts of Ppart (rows, kRank) and F a kRank x N
+// factor. init: null (zeros), a bias row (ld_init = 0: kept in registers with the block's column
+// slice of F while it walks row tiles), or a (rows, N) tensor with row stride ld_init (the base
+// layer's output, read once per element). With s_out, blocks of column tile 0 also write
+// s_out = P[:, :r] (saved_s_t: fp32 beside fp16).
 template <typename T, bool ALIGNED>
 __global__ void __launch_bounds__(kThreads)
 expand_kernel(const float* __restrict__ Ppart, int64_t nparts, int64_t rows, Factor<T> F,
-              const T* __restrict__ bias, int64_t N, T* __restrict__ C,
+              const T* __restrict__ init, int64_t ld_init, int64_t N, T* __restrict__ C,
               saved_s_t<T>* __restrict__ s_out,
               int64_t r) {
   constexpr int V = vec_width<T>();
@@ -253,7 +259,8 @@ expand_kernel(const float* __restrict__ Ppart, int64_t nparts, int64_t rows, Fac
 #pragma unroll
     for (int e = 0; e < V; ++e) f[j][e] = c + e < N ? F.at(j, c + e) : 0.f;
 #pragma unroll
-  for (int e = 0; e < V; ++e) b0[e] = bias && c + e < N ? static_cast<float>(bias[c + e]) : 0.f;
+  for (int e = 0; e < V; ++e)
+    b0[e] = init && ld_init == 0 && c + e < N ? static_cast<float>(init[c + e]) : 0.f;
 
   const int64_t tiles = ceil_div(rows, kTileRows);
   for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
@@ -272,8 +279,14 @@ expand_kernel(const float* __restrict__ Ppart, int64_t nparts, int64_t rows, Fac
     const int n = rows - t0 < kTileRows ? static_cast<int>(rows - t0) : kTileRows;
     for (int i = 0; i < n; ++i) {
       float acc[V];
+      if (init && ld_init != 0) {
+        const auto row = load_pack<T, V, ALIGNED>(init + (t0 + i) * ld_init, c, N, true);
 #pragma unroll
-      for (int e = 0; e < V; ++e) acc[e] = b0[e];
+        for (int e = 0; e < V; ++e) acc[e] = static_cast<float>(row.v[e]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[e] = b0[e];
+      }
 #pragma unroll
       for (int j = 0; j < kRank; ++j) {
         const float pv = P[i][j];
@@ -379,15 +392,17 @@ ThinOut thin_products(const at::Tensor& X, const Factor<T>& Q, bool want_p, cons
   return res;
 }
 
-// C (rows, N) = bias + (sum of Ppart) F; writes s_out (rows, r) too when it is defined.
+// C (rows, N) = init + (sum of Ppart) F; writes s_out (rows, r) too when it is defined. init:
+// undefined (zeros), a bias (N,), or a (rows, N) tensor with unit column stride.
 template <typename T>
-at::Tensor expand(const at::Tensor& Ppart, int64_t rows, const Factor<T>& F, const at::Tensor& bias,
+at::Tensor expand(const at::Tensor& Ppart, int64_t rows, const Factor<T>& F, const at::Tensor& init,
                   int64_t N, const at::TensorOptions& options, const at::Tensor& s_out) {
   constexpr int V = vec_width<T>();
   at::Tensor C = at::empty({rows, N}, options);
   if (rows == 0) return C;
-  const T* bias_ptr = ptr_or_null<T>(bias);
-  const bool aligned = N % V == 0 && (!bias_ptr || aligned16(bias_ptr));
+  const T* init_ptr = ptr_or_null<T>(init);
+  const int64_t ld_init = init.defined() && init.dim() == 2 ? init.stride(0) : 0;
+  const bool aligned = N % V == 0 && (!init_ptr || (aligned16(init_ptr) && ld_init % V == 0));
   auto kernel = aligned ? expand_kernel<T, true> : expand_kernel<T, false>;
   // At least one column tile, so s_out is written even when N == 0.
   const int64_t ncol = std::max<int64_t>(1, ceil_div(N, kThreads * V));
@@ -399,7 +414,7 @@ at::Tensor expand(const at::Tensor& Ppart, int64_t rows, const Factor<T>& F, con
   TORCH_CHECK(ncol <= INT32_MAX, "giva: an output row of ", N, " elements needs ", ncol,
               " column blocks, above the CUDA grid limit of 2^31 - 1");
   launch(kernel, dim3(static_cast<unsigned>(ncol), static_cast<unsigned>(grid_y)), kThreads,
-         Ppart.data_ptr<float>(), Ppart.size(0), rows, F, bias_ptr, N, C.data_ptr<T>(),
+         Ppart.data_ptr<float>(), Ppart.size(0), rows, F, init_ptr, ld_init, N, C.data_ptr<T>(),
          s_out.defined() ? s_out.data_ptr<saved_s_t<T>>() : nullptr,
          s_out.defined() ? s_out.size(1) : 0);
   return C;
@@ -410,21 +425,18 @@ at::Tensor rows_unit_stride(const at::Tensor& t) {
   return t.stride(1) == 1 || t.size(1) <= 1 ? t : t.contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(
-    const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
-    const at::Tensor& A_in, const at::Tensor& B_in, const at::Tensor& lambda_s_in,
-    const at::Tensor& lambda_o_in) {
-  check_linear_forward(x_in, weight, bias_opt, A_in, B_in, lambda_s_in, lambda_o_in, kDevice,
-                       kCudaDtypes);
-  const DeviceGuard guard(x_in.device());
-  const int64_t T = x_in.size(0), in = x_in.size(1), out = weight.size(0), r = A_in.size(0);
+// y = init + (s * l_s) (l_o * B)^T and s = x A^T, for linear_forward (init: the bias, then the
+// base GEMM accumulates onto y) and adapter_forward (init: the base layer's output).
+std::tuple<at::Tensor, at::Tensor> adapter_term(const at::Tensor& x_in, const at::Tensor& init,
+                                                const at::Tensor& A_in, const at::Tensor& B_in,
+                                                const at::Tensor& lambda_s_in,
+                                                const at::Tensor& lambda_o_in, int64_t out) {
+  const int64_t T = x_in.size(0), in = x_in.size(1), r = A_in.size(0);
   const auto x = rows_unit_stride(x_in);
   const auto A = A_in.contiguous(), B = B_in.contiguous();
   // The vectors in fp32 (they may be x's dtype or fp32); they enter only the folded factors.
   const auto lambda_s = lambda_s_in.to(at::kFloat).contiguous();
   const auto lambda_o = lambda_o_in.to(at::kFloat).contiguous();
-  const at::Tensor bias =
-      bias_opt.has_value() && bias_opt->defined() ? bias_opt->contiguous() : at::Tensor();
 
   // s and, above rank 8, the rank-r product in fp32 beside fp16: x A^T can pass fp16's range
   // where y does not, and inf * lambda_o = 0 would make y NaN.
@@ -437,31 +449,51 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(
           x, make_factor<scalar_t>(A, in, 1, r, {}, {}), /*want_p=*/true, at::Tensor());
       // (s * l_s) (l_o * B)^T: factor (j, o) = B[o, j] l_s[j] l_o[o]
       y = expand<scalar_t>(shrink.Ppart, T, make_factor<scalar_t>(B, 1, r, r, lambda_s, lambda_o),
-                           bias, out, x.options(), s);
+                           init, out, x.options(), s);
     }));
   } else {
     // (fp16 x is converted for this: a (T, in) fp32 copy, only on this path)
     s = at::mm(x.to(s_dtype), A.to(s_dtype).t());
     // (l_o * B * l_s)^T folded in fp32 and rounded once to s's dtype (out x r, small)
     const auto B_folded = (B.to(at::kFloat) * lambda_o.unsqueeze(1) * lambda_s).to(s_dtype);
-    y = (bias.defined() ? at::addmm(bias.to(s_dtype), s, B_folded.t()) : at::mm(s, B_folded.t()))
+    y = (init.defined() ? at::addmm(init.to(s_dtype), s, B_folded.t()) : at::mm(s, B_folded.t()))
             .to(x.scalar_type());
   }
-  y.addmm_(x, weight.t());
   return {y, s};
 }
 
-// Masked-out outputs are undefined tensors (None in Python), as on the CPU.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
+std::tuple<at::Tensor, at::Tensor> linear_forward_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias_opt,
+    const at::Tensor& A, const at::Tensor& B, const at::Tensor& lambda_s,
+    const at::Tensor& lambda_o) {
+  check_linear_forward(x, weight, bias_opt, A, B, lambda_s, lambda_o, kDevice, kCudaDtypes);
+  const DeviceGuard guard(x.device());
+  const at::Tensor bias =
+      bias_opt.has_value() && bias_opt->defined() ? bias_opt->contiguous() : at::Tensor();
+  const auto x_rows = rows_unit_stride(x);
+  auto [y, s] = adapter_term(x_rows, bias, A, B, lambda_s, lambda_o, weight.size(0));
+  y.addmm_(x_rows, weight.t());
+  return {y, s};
+}
+
+std::tuple<at::Tensor, at::Tensor> adapter_forward_cuda(
+    const at::Tensor& x, const at::Tensor& base, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& lambda_s, const at::Tensor& lambda_o) {
+  check_adapter_forward(x, base, A, B, lambda_s, lambda_o, kDevice, kCudaDtypes);
+  const DeviceGuard guard(x.device());
+  return adapter_term(x, rows_unit_stride(base), A, B, lambda_s, lambda_o, base.size(1));
+}
+
+// The backward of linear_forward (weight defined: grad_x includes g W) and of adapter_forward
+// (weight undefined). Masked-out outputs are undefined tensors (None in Python), as on the CPU.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_y, const at::Tensor& s_in, const at::Tensor& weight,
     const at::Tensor& A_in, const at::Tensor& B_in, const at::Tensor& lambda_s_in,
     const at::Tensor& lambda_o_in, std::array<bool, 3> output_mask) {
-  check_linear_backward(grad_y, s_in, weight, A_in, B_in, lambda_s_in, lambda_o_in, kDevice,
-                        kCudaDtypes);
   const DeviceGuard guard(grad_y.device());
   const bool need_x = output_mask[0], need_s = output_mask[1], need_o = output_mask[2];
   const bool need_lambda = need_s || need_o;
-  const int64_t T = grad_y.size(0), out = grad_y.size(1), in = weight.size(1), r = A_in.size(0);
+  const int64_t T = grad_y.size(0), out = grad_y.size(1), in = A_in.size(1), r = A_in.size(0);
   const auto g = rows_unit_stride(grad_y);
   const auto s = s_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous();
   const auto lambda_s = lambda_s_in.to(at::kFloat).contiguous();  // as in the forward
@@ -512,11 +544,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
       if (need_o) grad_o = MB.mv(lambda_s);
     }
   }
-  if (need_x) grad_x.addmm_(g, weight);
+  if (need_x && weight.defined()) grad_x.addmm_(g, weight);
   // The vectors' gradients in the vectors' dtype (fp32 beside half data, as the optimizer holds them)
   if (grad_s.defined()) grad_s = grad_s.to(lambda_s_in.scalar_type());
   if (grad_o.defined()) grad_o = grad_o.to(lambda_o_in.scalar_type());
   return {grad_x, grad_s, grad_o};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& s, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& lambda_s, const at::Tensor& lambda_o,
+    std::array<bool, 3> output_mask) {
+  check_linear_backward(grad_y, s, weight, A, B, lambda_s, lambda_o, kDevice, kCudaDtypes);
+  return backward(grad_y, s, weight, A, B, lambda_s, lambda_o, output_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adapter_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& s, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& lambda_s, const at::Tensor& lambda_o, std::array<bool, 3> output_mask) {
+  check_backward("giva::adapter_backward", grad_y, s, at::Tensor(), A, B, lambda_s, lambda_o,
+                 kDevice, kCudaDtypes);
+  return backward(grad_y, s, at::Tensor(), A, B, lambda_s, lambda_o, output_mask);
 }
 
 }  // namespace
@@ -525,6 +573,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
 TORCH_LIBRARY_IMPL(giva, CUDA, m) {
   m.impl("linear_forward", &linear_forward_cuda);
   m.impl("linear_backward", &linear_backward_cuda);
+  m.impl("adapter_forward", &adapter_forward_cuda);
+  m.impl("adapter_backward", &adapter_backward_cuda);
 }
 #endif
 
