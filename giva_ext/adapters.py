@@ -19,6 +19,7 @@ from .config import GiVAConfig
 from .layer import PER_THREAD, GiVALinear, UnknownAdapterError, check_adapter_name
 from .model import (REGISTRY, _check_targets, _replace, activate, adapted_module, chunks_for,
                     find_targets, get_config, register_adapter, wrapped_layers)
+from .quantized import QuantizedGiVALinear, layer_class
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -81,10 +82,10 @@ def add_adapter(model: nn.Module, name: str, config: GiVAConfig) -> nn.Module:
             module.add_adapter(name, chunks * config.r, chunks, config.dropout, generator,
                                config.autocast_adapter_dtype, config.input_scale)
         else:
-            _replace(model, target, GiVALinear.from_linear(module, chunks * config.r, config.dropout,
-                                                           generator, chunks, name,
-                                                           config.autocast_adapter_dtype,
-                                                           config.input_scale))
+            _replace(model, target, layer_class(module).from_linear(module, chunks * config.r,
+                                                                    config.dropout, generator, chunks,
+                                                                    name, config.autocast_adapter_dtype,
+                                                                    config.input_scale))
     register_adapter(model, name, config)
     activate(model, active)  # new layers start bare unless ``name`` is active; flags follow
     return outer
@@ -184,6 +185,11 @@ def mixed_adapters(model: nn.Module, adapters: Sequence[str | None] | torch.Tens
     merged = [n for n, layer in layers.items() if layer.merged]
     if merged:
         raise RuntimeError(f"GiVA layer {merged[0]!r} is merged; unmerge before a mixed-adapter batch")
+    quantized = [n for n, layer in layers.items() if isinstance(layer, QuantizedGiVALinear)]
+    if quantized:
+        raise RuntimeError(f"GiVA layer {quantized[0]!r} has a quantized base "
+                           f"({layers[quantized[0]].quantization}); mixed-adapter batches do not run "
+                           "on quantized bases yet: run one adapter per batch (set_adapter)")
     busy = [n for n, layer in layers.items() if layer.mixed_state() is not None]
     if busy:
         raise RuntimeError(f"GiVA layer {busy[0]!r} is already in a mixed_adapters block of this thread")

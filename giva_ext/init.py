@@ -32,8 +32,8 @@ from .layer import GiVALinear, block_bases, random_orthonormal
 from .model import adapted_module, check_unmerged, get_config, giva_layers
 from .precondition import PRECONDITIONERS, FeatureScales
 from .rsvd import GradientSketch, randomized_svd
-from .serialization import (_atomic_write, check_fingerprint_schema, pack, read_regular_file, unpack,
-                            weight_fingerprint)
+from .serialization import (_atomic_write, base_fingerprint, check_fingerprint_schema, pack,
+                            read_regular_file, unpack)
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class _Cache:
             path = path.with_name(f"{path.name}.rank{rank}")
         self.path = path
         self.settings = settings
-        self.fingerprint = [weight_fingerprint(n, layer.base.weight) for n, layer in layers.items()]
+        self.fingerprint = [base_fingerprint(n, layer) for n, layer in layers.items()]
 
     def load(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
         if not self.path.exists():
@@ -668,7 +668,7 @@ def init_bases(model: nn.Module, batches: Iterable | None = None, loss_fn=None, 
             if rank == 0:
                 logger.info("giva init: %s", _summary(u, s))
             results[u.name] = _unit_bases(u, left, s, right, mode, generator,
-                                          layers[u.layer].base.weight.dtype, deficient)
+                                          layers[u.layer].A.dtype, deficient)
         _warn_rank_deficient(deficient, mode, len(units))
     spectra = {}
     for name, layer in layers.items():

@@ -226,9 +226,10 @@ class GiVALinear(nn.Module):
             got_in, got_out = linear_shape(base)
             raise ValueError(f"base is {got_out}x{got_in}, expected {out_features}x{in_features}")
         w = base.weight if base is not None else torch.empty(0, dtype=dtype, device=device)
+        w_dtype = self.base_dtype(base) if base is not None else w.dtype
         self.autocast_adapter_dtype = autocast_adapter_dtype
-        first = GiVAAdapter(in_features, out_features, r, chunks, dropout, generator, w.dtype, w.device,
-                            vector_dtype_for(w.dtype, autocast_adapter_dtype), input_scale)
+        first = GiVAAdapter(in_features, out_features, r, chunks, dropout, generator, w_dtype, w.device,
+                            vector_dtype_for(w_dtype, autocast_adapter_dtype), input_scale)
         if base is None:
             base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         base.requires_grad_(False)
@@ -263,10 +264,10 @@ class GiVALinear(nn.Module):
         check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"this layer already has an adapter named {name!r}")
-        w = self.base.weight
+        w_dtype = self.base_dtype(self.base)
         adapter = GiVAAdapter(self.in_features, self.out_features, r, chunks, dropout, generator,
-                              w.dtype, w.device, vector_dtype_for(
-                                  w.dtype, self.autocast_adapter_dtype if autocast_adapter_dtype is None
+                              w_dtype, self.base.weight.device, vector_dtype_for(
+                                  w_dtype, self.autocast_adapter_dtype if autocast_adapter_dtype is None
                                   else autocast_adapter_dtype), input_scale)
         self.adapters[name] = adapter
         return adapter
@@ -308,6 +309,12 @@ class GiVALinear(nn.Module):
     dropout = property(lambda self: self.adapter.dropout, doc="The active adapter's input dropout.")
 
     # ---- base weight
+    @staticmethod
+    def base_dtype(base: nn.Module) -> torch.dtype:
+        """The float dtype of ``base``'s weight: what the bases are kept in and the update is
+        formed in (a quantized base overrides this with its compute dtype)."""
+        return base.weight.dtype
+
     @property
     def weight(self) -> torch.Tensor:
         """The base weight as the base layer stores it ((in, out) for a Conv1D)."""
@@ -360,12 +367,13 @@ class GiVALinear(nn.Module):
                      for t in (self.A, self.B, self.lambda_s, self.lambda_o, self.lambda_i))
 
     def _delta_of(self, factors: tuple) -> torch.Tensor:
-        acc = torch.promote_types(self.base.weight.dtype, torch.float32)
+        dtype = self.base_dtype(self.base)
+        acc = torch.promote_types(dtype, torch.float32)
         *factors, lambda_i = factors
         delta = reference.delta_weight(*(t.to(acc) for t in factors))
         if lambda_i is not None:
             delta = delta * lambda_i.to(acc)
-        return delta.to(self.base.weight.dtype)
+        return delta.to(dtype)
 
     def merge(self, keep_fingerprint: bool = True) -> None:
         """Fold the active adapter into base.weight; forward then runs the plain base layer.

@@ -11,7 +11,7 @@ from torch import nn
 from .config import GiVAConfig
 from .distributed import check_not_sharded
 from .layer import GiVALinear, check_adapter_name, check_rank, linear_shape
-from .quantized import check_not_quantized
+from .quantized import QuantizedGiVALinear, check_supported, dequantized_weight, layer_class, merge_refusal
 
 # Leaf names of output heads that "all-linear" never adapts (besides get_output_embeddings()).
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
@@ -214,7 +214,7 @@ def chunks_for(name: str, config: GiVAConfig) -> int:
 
 
 def _check_targets(targets: dict[str, nn.Module], config: GiVAConfig) -> None:
-    check_not_quantized(targets)
+    check_supported(targets)
     unused = [p for p in config.fused_chunks if not any(_matches(name, p) for name in targets)]
     if unused:
         raise ValueError(f"fused_chunks entry {unused[0]!r} matches no target of the model")
@@ -252,9 +252,10 @@ def apply_giva(model: nn.Module, config: GiVAConfig, adapter_name: str = "defaul
     model.requires_grad_(False)
     for name, linear in targets.items():
         chunks = chunks_for(name, config)
-        _replace(model, name, GiVALinear.from_linear(linear, chunks * config.r, config.dropout,
-                                                     generator, chunks, adapter_name,
-                                                     config.autocast_adapter_dtype, config.input_scale))
+        _replace(model, name, layer_class(linear).from_linear(linear, chunks * config.r, config.dropout,
+                                                              generator, chunks, adapter_name,
+                                                              config.autocast_adapter_dtype,
+                                                              config.input_scale))
     for module in to_save.values():
         module.requires_grad_(True)
     register_adapter(model, adapter_name, config)
@@ -296,6 +297,8 @@ def _set_merged(model: nn.Module, merged: bool) -> nn.Module:
         raise ValueError("model has no GiVA layers" if not wrapped_layers(model) else
                          "no adapter of the model is active (set_adapter(model, name) activates one)")
     check_not_sharded(layers, "merge" if merged else "unmerge")
+    if merged:
+        _check_not_quantized_merge(layers)
     for name, layer in layers.items():
         if layer.merged == merged:
             raise RuntimeError(f"GiVA layer {name!r} is {'already' if merged else 'not'} merged")
@@ -314,14 +317,43 @@ def unmerge(model: nn.Module) -> nn.Module:
     return _set_merged(model, False)
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def _check_not_quantized_merge(layers: dict[str, GiVALinear]) -> None:
+    """RuntimeError naming the first layer on a quantized base (its packed weight takes no update)."""
+    for name, layer in layers.items():
+        if isinstance(layer, QuantizedGiVALinear):
+            raise RuntimeError(merge_refusal(f"GiVA layer {name!r}", layer.quantization))
+
+
+def _dequantized_merge(layer: QuantizedGiVALinear) -> nn.Linear:
+    """A float nn.Linear holding dequantize(W) + the active adapter's update (W alone if none)."""
+    base = layer.base
+    weight = dequantized_weight(base)
+    if layer.active_adapter is not None:
+        weight = weight + layer.delta_weight().to(weight.device)
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
+                       dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if base.bias is not None:
+            linear.bias.copy_(base.bias)
+    return linear.requires_grad_(False)
+
+
+def merge_and_unload(model: nn.Module, dequantize: bool = False) -> nn.Module:
     """Merge the active adapter, drop the others and put the plain base layers back; returns the
-    plain model."""
+    plain model. A quantized base takes no update: with ``dequantize`` it is replaced by a float
+    nn.Linear holding dequantize(W) + delta W (in its compute dtype; quantize the model again with
+    your library if you need it quantized), without it the call is refused before any change."""
     layers = wrapped_layers(model)
     if not layers:
         raise ValueError("model has no GiVA layers to merge")
     check_not_sharded(layers, "merge_and_unload")
+    if not dequantize:
+        _check_not_quantized_merge(layers)
     for name, layer in layers.items():
+        if isinstance(layer, QuantizedGiVALinear):
+            _replace(model, name, _dequantized_merge(layer))
+            continue
         if not layer.merged and layer.active_adapter is not None:
             layer.merge(keep_fingerprint=False)
         _replace(model, name, layer.base)

@@ -35,6 +35,8 @@ from .distributed import gathered, is_sharded, writes_here
 from .layer import GiVALinear, UnknownAdapterError, check_adapter_name, linear_shape, weight_digests
 from .model import (REGISTRY, _modules_to_save, adapted_module, apply_giva, check_unmerged, chunks_for,
                     find_targets, get_config, giva_layers, register_adapter, wrapped_layers)
+from .quantized import fingerprint as quantized_fingerprint
+from .quantized import quantization_of
 from .version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -67,6 +69,17 @@ def weight_fingerprint(name: str, weight: torch.Tensor, cast: bool = False) -> d
     weight's also as bfloat16 and float16: see weight_digests)."""
     return {"name": name, "shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch."),
             **weight_digests(weight, cast)}
+
+
+def base_fingerprint(name: str, module: nn.Module, cast: bool = False) -> dict:
+    """The fingerprint entry of a target's base layer (``module``: the base, or the GiVALinear
+    around it): weight_fingerprint of its float weight (gathered under FSDP2), or for a quantized
+    base quantized.fingerprint (packed data, scales, quantization state; "quantization" says
+    what quantizes it)."""
+    base = module.base if isinstance(module, GiVALinear) else module
+    if quantization_of(base) is not None:
+        return quantized_fingerprint(name, base)
+    return weight_fingerprint(name, gathered(base.weight), cast)
 
 
 def check_fingerprint_schema(fingerprint) -> None:
@@ -161,10 +174,6 @@ def check_finite_tensors(tensors: dict[str, torch.Tensor]) -> None:
             raise ValueError(f"tensor {name!r} holds NaN or Inf")
 
 
-def _base_weight(module: nn.Module) -> torch.Tensor:
-    return module.base.weight if isinstance(module, GiVALinear) else module.weight
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``: a reader (or
     a process killed at any point) sees the old file or the new one, never a part. The temporary
@@ -253,7 +262,7 @@ def _adapter_files(model: nn.Module, adapter_name: str | None, path) -> tuple[by
         raise ValueError(f"save_adapter: {exc}; nothing was written to {path}") from exc
     header = {"library": "giva_ext", "version": __version__, "format": FORMAT_VERSION,
               "config": config.to_dict(),
-              "fingerprint": [weight_fingerprint(n, gathered(layer.base.weight), cast=True)
+              "fingerprint": [base_fingerprint(n, layer, cast=True)
                               for n, layer in layers.items()]}
     return pack(tensors, METADATA_KEY, header)
 
@@ -326,7 +335,13 @@ def _check_fingerprint(saved: list[dict], targets: dict[str, nn.Module]) -> None
         raise ValueError(f"it targets other layers than this model: missing in model {missing[:3]}, "
                          f"not in adapter {extra[:3]}")
     for entry in saved:
-        now = weight_fingerprint(entry["name"], _base_weight(targets[entry["name"]]))
+        now = base_fingerprint(entry["name"], targets[entry["name"]])
+        if now.get("quantization") != entry.get("quantization"):
+            here, there = (e.get("quantization") or "not quantized" for e in (now, entry))
+            raise ValueError(f"it was saved for another base model: layer {entry['name']!r} is {here} "
+                             f"here but {there} in the adapter (an adapter trained on one quantization "
+                             "of a model is refused on another: its vectors fit the base they were "
+                             "trained on)")
         # A half-precision copy of the float32 base the adapter was saved on matches the digest of
         # that base cast to its dtype.
         cast_digest = f"sha256_{now['dtype']}"
