@@ -290,16 +290,24 @@ def timed(benchmark, step: Step, size: Size, device: torch.device, floor: Step |
         benchmark.extra_info["floor_median_s"] = statistics.median(floor_times)
 
 
+def storages_of(t: torch.Tensor) -> list:
+    """The storages a tensor holds: its own, or for a tensor subclass (a torchao quantized weight)
+    those of the plain tensors inside it."""
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter):
+        return [s for name in t.__tensor_flatten__()[0] for s in storages_of(getattr(t, name))]
+    return [t.untyped_storage()]
+
+
 def saved_bytes(forward, modules) -> tuple[int, object]:
     """(Bytes of the tensors autograd saves for backward while ``forward()`` runs, its output).
     Storages of the parameters and buffers of ``modules`` are not counted: they exist anyway."""
-    owned = {t.untyped_storage().data_ptr() for m in modules for t in (*m.parameters(), *m.buffers())}
+    owned = {s.data_ptr() for m in modules for t in (*m.parameters(), *m.buffers()) for s in storages_of(t)}
     storages = {}
 
     def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in owned:
-            storages[ptr] = t.untyped_storage().nbytes()
+        for storage in storages_of(t):
+            if storage.data_ptr() not in owned:
+                storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

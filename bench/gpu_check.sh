@@ -2,15 +2,16 @@
 # One-shot check of the CUDA build on a GPU machine with torch (CUDA) and nvcc preinstalled and no
 # network: build, CUDA op tests, compute-sanitizer on a tiny forward+backward, the layer overhead
 # benchmark at T=8192, in=out=4096 (GPU times; bf16 r=8 and r=64 with a per-kernel profile, fp16
-# r=8), and the benchmark suite (bench/, default size) with its report. Every step has a timeout,
+# r=8), GiVA and LoRA on quantized MiniLM bases, and the benchmark suite (bench/, default size) with
+# its report. Every step has a timeout,
 # the whole run stays under GIVA_CHECK_BUDGET_S (default 470 s), and a failing step does not stop
 # the next. Run from the repository root:
 #
 #   OUT=/some/dir bash bench/gpu_check.sh
 #
-# Writes into $OUT (14 files): env_build.log pytest.log pytest.xml sanitizer.log bench.log
-# bench_bf16.json bench_fp16.json mixed_bf16.json mixed_decode_bf16.json suite.log suite_gpu.json
-# suite_gpu.md suite_gpu.png summary.json
+# Writes into $OUT (15 files): env_build.log pytest.log pytest.xml sanitizer.log bench.log
+# bench_bf16.json bench_fp16.json mixed_bf16.json mixed_decode_bf16.json quantized_gpu.json suite.log
+# suite_gpu.json suite_gpu.md suite_gpu.png summary.json
 # (exit code and seconds of every step).
 set -uo pipefail
 
@@ -54,8 +55,8 @@ step build 240 "$ENV_LOG" build
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 tail -n 30 "$ENV_LOG"
 
-step pytest 150 "$OUT/pytest.log" "$PY" -m pytest tests/test_ops_cuda.py tests/test_sketch_cuda.py \
-  tests/test_adapters_cuda.py tests/test_ops.py -q \
+step pytest 180 "$OUT/pytest.log" "$PY" -m pytest tests/test_ops_cuda.py tests/test_sketch_cuda.py \
+  tests/test_adapters_cuda.py tests/test_ops.py tests/test_adapter_op.py tests/test_quantized.py -q \
   -p no:cacheprovider --junitxml="$OUT/pytest.xml"
 tail -n 25 "$OUT/pytest.log"
 
@@ -75,6 +76,9 @@ for dtype, (T, n_in, n_out, r) in itertools.product(
     y, s = torch.ops.giva.linear_forward(x, w, b, A, B, ls, lo)
     for mask in itertools.product((False, True), repeat=3):
         torch.ops.giva.linear_backward(t(T, n_out), s, w, A, B, ls, lo, list(mask))
+        torch.ops.giva.adapter_backward(t(T, n_out), s, A, B, ls, lo, list(mask))
+    torch.ops.giva.adapter_forward(x, t(T, n_out), A, B, ls, lo)
+    torch.ops.giva.adapter_forward(x, t(T, n_out + 1)[:, 1:], A, B, ls, lo)  # unaligned base rows
     if dtype != torch.float32:  # the vectors in float32, as a half-precision model keeps them
         torch.ops.giva.linear_forward(x, w, b, A, B, ls.float(), lo.float())
         torch.ops.giva.linear_backward(t(T, n_out), s, w, A, B, ls.float(), lo.float(), [True] * 3)
@@ -120,6 +124,11 @@ step mixed_bf16 40 "$OUT/bench.log" "$PY" bench/mixed_adapters.py --device cuda 
 step mixed_decode_bf16 30 "$OUT/bench.log" "$PY" bench/mixed_adapters.py --device cuda \
   --dtype bfloat16 --dims 4096 --seq-len 1 --json "$OUT/mixed_decode_bf16.json"
 tail -n 10 "$OUT/bench.log"
+
+# GiVA r=8 against PEFT LoRA r=8 on quantized MiniLM bases (bitsandbytes NF4 and int8, torchao int8).
+step quantized 45 "$OUT/bench.log" "$PY" bench/quantized.py --device cuda --bases fp32,nf4,int8,torchao-int8 \
+  --batch 32x128 --steps 0 --json "$OUT/quantized_gpu.json"
+tail -n 16 "$OUT/bench.log"
 
 # The pytest-benchmark suite, default size on the GPU (layers in bf16 and fp16, the MiniLM step and
 # init in bf16/fp32, memory), then its report. Peers whose package is missing here skip.
