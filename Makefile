@@ -28,7 +28,8 @@ demo: $(VENV)/.installed
 # and .png; `bench-smoke` runs the accuracy benchmark at its quick size (one method of each kind,
 # 2 seeds), every suite case once (quick size, no timing) and renders that JSON, then the
 # standalone scripts once on tiny shapes in float32 and bfloat16 (gpu_check.sh runs them in half
-# precision) and the all-reduce volume count (two gloo processes on MiniLM, about 20 s).
+# precision), the all-reduce volume count (two gloo processes on MiniLM, about 20 s) and the
+# quantized-base comparison on tiny batches.
 BENCH_DEVICE ?= cpu
 BENCH_OUT := bench/results/suite_$(BENCH_DEVICE)
 SMOKE_OUT := build/bench-smoke/suite
@@ -59,6 +60,8 @@ bench-smoke: $(VENV)/.installed
 			--dims 64 --reps 1 --warmup 0 --json $(dir $(SMOKE_OUT))mixed_adapters_$$dtype.json || exit 1; \
 	done
 	$(BIN)/python bench/allreduce_volume.py --json $(dir $(SMOKE_OUT))allreduce.json
+	$(BIN)/python bench/quantized.py --bases fp32,nf4,torchao-int8 --batch 2x8 --reps 1 --steps 2 \
+		--seeds 1 --json $(dir $(SMOKE_OUT))quantized.json
 
 # The native-op tests against the CPU ops built with AddressSanitizer + UBSan (in a temporary copy).
 asan: $(VENV)/.installed
