@@ -30,8 +30,8 @@ from .distributed import gathered, writes_here
 from .layer import linear_shape
 from .model import (_modules_to_save, adapted_module, apply_giva, check_unmerged, find_targets, get_config,
                     giva_layers)
-from .serialization import (CONFIG_NAME, WEIGHTS_NAME, _atomic_write, check_finite_tensors, json_loads,
-                            read_regular_file)
+from .serialization import (CONFIG_NAME, WEIGHTS_NAME, check_finite_tensors, json_loads, read_regular_file,
+                            write_files)
 
 # PeftModel wraps the tuner (base_model) around the user's model (model); saved keys keep both.
 PEFT_PREFIX = "base_model.model."
@@ -87,10 +87,8 @@ def export_lora(model: nn.Module, path: str | os.PathLike) -> Path:
     folder = Path(path)
     if not writes_here(model):  # FSDP2: every process gathered the shards, process 0 writes
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / WEIGHTS_NAME, save_safetensors_bytes(tensors))
-    _atomic_write(folder / CONFIG_NAME, (json.dumps(lora_config, indent=2) + "\n").encode())
-    return folder
+    return write_files(folder, {WEIGHTS_NAME: save_safetensors_bytes(tensors),
+                                CONFIG_NAME: (json.dumps(lora_config, indent=2) + "\n").encode()})
 
 
 def _vera_projection(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:

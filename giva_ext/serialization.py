@@ -196,6 +196,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def write_files(folder: Path, files: dict[str, bytes]) -> Path:
+    """Write each of ``files`` (name -> bytes) atomically into ``folder`` (created if needed), in
+    order. What killed writers left of any of them is removed before the first write, so a writer
+    killed in the second file leaves no stale temporary of the first behind."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        _remove_stale_temporaries(folder / name)
+    for name, data in files.items():
+        _atomic_write(folder / name, data)
+    return folder
+
+
 def _remove_stale_temporaries(path: Path) -> None:
     """Remove the temporary files of writes of ``path`` whose process is gone (killed before its
     rename): .<name>.<pid>.<random>.tmp with no process <pid> on this machine. A write in progress
@@ -268,10 +280,7 @@ def _adapter_files(model: nn.Module, adapter_name: str | None, path) -> tuple[by
 
 
 def _write_adapter(folder: Path, data: bytes, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / WEIGHTS_NAME, data)
-    _atomic_write(folder / CONFIG_NAME, (text + "\n").encode())
-    return folder
+    return write_files(folder, {WEIGHTS_NAME: data, CONFIG_NAME: (text + "\n").encode()})
 
 
 def _check_header(header: dict) -> dict:

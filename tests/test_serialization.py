@@ -227,6 +227,26 @@ def test_a_write_through_data_is_never_certified(tmp_path):
         g.load_adapter(target, tmp_path / "first")
 
 
+def test_a_save_killed_in_its_first_file_leaves_no_stale_temporary_of_the_second(tmp_path, monkeypatch):
+    """A writer killed inside adapter_config.json's write leaves its temporary; the next save,
+    killed inside adapter_model.safetensors' (its first file), must already have removed it: every
+    stale temporary of the folder goes before the first write (the random-kill test in
+    test_interrupt.py found two left behind, one per file)."""
+    from giva_ext import serialization
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    stale = tmp_path / f".{CONFIG_NAME}.{int(dead.stdout)}.abc123.tmp"
+    stale.write_bytes(b"partial")
+
+    def killed(path, data):
+        raise KeyboardInterrupt  # stands for the kill inside the first write
+
+    monkeypatch.setattr(serialization, "_atomic_write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        g.save_adapter(adapted(), tmp_path)
+    assert not stale.exists()
+
+
 def test_a_save_removes_only_the_temporary_files_of_dead_writers(tmp_path):
     """Temporary files are named .<file>.<pid>.<random>.tmp; a save removes those whose process is
     gone and keeps a live writer's and every other name."""
