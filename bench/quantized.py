@@ -142,7 +142,9 @@ def fine_tune(base: str, method: str, seed: int, data: dict, device, steps: int,
     g = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(steps * batch_size / n))])
     order = order[:steps * batch_size]
-    init_batches = [batch_of(data["train"], order[i * batch_size:(i + 1) * batch_size]) for i in range(4)]
+    # GiVA's gradient batches: the first 4 training batches (fewer in a shorter run), as in the demo
+    init_batches = [batch_of(data["train"], order[i * batch_size:(i + 1) * batch_size])
+                    for i in range(min(4, steps))]
     start = time.perf_counter()
     model = adapted(classifier_on(base, device, seed), method,
                     [{k: v.to(device) for k, v in b.items()} for b in init_batches], seed)
