@@ -73,9 +73,8 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     if _package(weight) == "torchao":
         if type(weight).__name__ not in _TORCHAO_WEIGHT_ONLY:
             return f"torchao weight-only int8 / int4 ({', '.join(_TORCHAO_WEIGHT_ONLY)}) is supported"
-        flat_ctx = str(weight.__tensor_flatten__()[1])
-        if "act_quant_kwargs': None" not in flat_ctx and "activation_quantization': None" not in flat_ctx \
-                and ("act_quant_kwargs" in flat_ctx or "activation_quantization" in flat_ctx):
+        # Int8Tensor's act_quant_kwargs, IntxUnpackedToInt8Tensor's activation_quantization
+        if any(getattr(weight, a, None) is not None for a in ("act_quant_kwargs", "activation_quantization")):
             return ("its activations are quantized too (a dynamic-activation config), which has no "
                     "gradient for the input; use a weight-only config")
         return None
@@ -191,9 +190,7 @@ class QuantizedGiVALinear(GiVALinear):
         raise RuntimeError(merge_refusal("this layer", self.quantization))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mixed_state() is not None:
-            raise RuntimeError(f"mixed-adapter batches do not run on a quantized base ({self.quantization}); "
-                               "run one adapter per batch (set_adapter)")
+        # (mixed_adapters refuses quantized layers at its start, so no mixed state reaches here)
         y = self.base(x)
         if self.active_adapter is None or (PER_THREAD.bare and id(self) in PER_THREAD.bare):
             return y
